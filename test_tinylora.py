@@ -1,0 +1,389 @@
+"""Property tests of tinylora.py (CPU, no network). Run: pytest -q test_tinylora.py"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings, strategies as st
+
+import tinylora as T
+from conftest import SMOL_GGUF, need_shared, tiny_model
+
+FAST = settings(max_examples=40, deadline=None)
+
+
+def adapted_layer(out_f, in_f, r, u, seed=0, lora_xs=False, bias=True):
+    """One TinyLoRALinear on a random nn.Linear, with a random v (returns layer, bank)."""
+    torch.manual_seed(seed)
+    base = nn.Linear(in_f, out_f, bias=bias)
+    model = nn.Sequential()
+    model.add_module("q_proj", base)
+    bank = T.apply_tinylora(model, u=None if lora_xs else u, n_tie=1, r=r, targets=("q_proj",),
+                            svd="exact", lora_xs=lora_xs)
+    with torch.no_grad():
+        bank.v.normal_()
+    return model.q_proj, bank
+
+
+# (a) the adapter equals a dense fp64 reference ---------------------------------------------------------
+
+@FAST
+@given(out_f=st.integers(2, 24), in_f=st.integers(2, 24), r=st.integers(1, 3), u=st.integers(1, 9),
+       batch=st.integers(1, 4), seed=st.integers(0, 1000))
+def test_forward_matches_dense_fp64_reference(out_f, in_f, r, u, batch, seed):
+    r = min(r, out_f, in_f)
+    u = min(u, r * r)
+    layer, bank = adapted_layer(out_f, in_f, r, u, seed)
+    x = torch.randn(batch, 3, in_f)
+    W, b = layer.base.weight.double(), layer.base.bias.double()
+    U, S, V = layer.U.double(), layer.S.double(), layer.V.double()
+    Rm = sum(bank.v[0, i].double() * layer.P[i].double() for i in range(u))
+    ref = x.double() @ (W + U @ torch.diag(S) @ Rm @ V.T).T + b  # x (W + UΣRVᵀ)ᵀ + b
+    got = layer(x).double()
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@FAST
+@given(m=st.integers(2, 30), n=st.integers(2, 30), r=st.integers(1, 4), seed=st.integers(0, 1000))
+def test_svd_factors_are_the_truncated_svd(m, n, r, seed):
+    r = min(r, m, n)
+    W = torch.randn(m, n, generator=torch.Generator().manual_seed(seed))
+    U, S, V = T.svd_factors(W, r, "exact")
+    Ud, Sd, Vhd = torch.linalg.svd(W.double())
+    best = Ud[:, :r] @ torch.diag(Sd[:r]) @ Vhd[:r]  # Eckart-Young: the best rank-r approximation
+    assert torch.allclose((U * S @ V.T).double(), best, atol=1e-4)
+    assert torch.allclose(U.T @ U, torch.eye(r), atol=1e-5) and torch.allclose(V.T @ V, torch.eye(r), atol=1e-5)
+    assert (S[:-1] >= S[1:]).all()
+
+
+def test_rank_larger_than_matrix_is_refused():
+    with pytest.raises(ValueError, match="exceeds"):
+        T.svd_factors(torch.randn(3, 5), 4)
+
+
+# (b) zero-init is bit-identical to the base model ------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_zero_init_is_bit_identical_tiny(arch, svd):
+    m = tiny_model(arch, vocab=300, layers=3)
+    x = torch.randint(0, 300, (2, 11))
+    with torch.no_grad():
+        base = m(x).logits
+    T.apply_tinylora(m, params=13, svd=svd)
+    with torch.no_grad():
+        assert torch.equal(m(x).logits, base)
+
+
+def test_zero_init_is_bit_identical_smollm2(smol):
+    model, tok = smol
+    x = tok(["What is 2+3?", "Natalia sold clips to 48 of her friends."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        base = model(**x).logits
+    bank = T.apply_tinylora(model, params=13)
+    try:
+        assert len(bank.layers) == 210 and bank.num_params() == 13
+        with torch.no_grad():
+            assert torch.equal(model(**x).logits, base)
+            bank.v.fill_(0.01)  # and a non-zero v really changes it
+            assert not torch.allclose(model(**x).logits, base)
+    finally:
+        T.remove_tinylora(model)
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, base)  # the base weights were never touched
+
+
+# (c) exact budgets ------------------------------------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 300), r=st.integers(1, 3), N=st.integers(1, 2700))
+def test_plan_gives_exactly_N_in_contiguous_balanced_groups(n, r, N):
+    names = [f"m{i}" for i in range(n)]
+    if N > n * r * r:
+        with pytest.raises(ValueError, match="nearest feasible"):
+            T.plan_groups(names, ["t"] * n, r, params=N)
+        return
+    try:
+        u, groups = T.plan_groups(names, ["t"] * n, r, params=N)
+    except ValueError as e:  # infeasible: no divisor u <= r² of N with N/u <= n
+        assert all(N % u or N // u > n for u in range(1, r * r + 1)), e
+        assert "nearest feasible" in str(e)
+        return
+    assert u * len(groups) == N
+    assert u == min(d for d in range(1, r * r + 1) if N % d == 0 and N // d <= n)  # u as small as possible
+    assert sum(groups, []) == names  # contiguous, in order, every module exactly once
+    sizes = [len(g) for g in groups]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_paper_13_on_qwen25_7b_shape():
+    n = 196  # 28 layers × 7 projections
+    names = [f"model.layers.{i // 7}.{t}" for i, t in enumerate(["q", "k", "v", "o", "g", "u", "d"] * 28)]
+    u, groups = T.plan_groups(names, ["x"] * n, 2, u=1, n_tie=16)  # the paper's tiles
+    assert (u, len(groups), [len(g) for g in groups]) == (1, 13, [16] * 12 + [4])
+    u, groups = T.plan_groups(names, ["x"] * n, 2, params=13)  # balanced
+    assert (u, len(groups), sorted({len(g) for g in groups})) == (1, 13, [15, 16])
+    assert T.plan_groups(names, ["x"] * n, 2, params=392)[0] == 2
+    with pytest.raises(ValueError, match=r"nearest feasible budgets: \[195, 196, 198, 200\]"):
+        T.plan_groups(names, ["x"] * n, 2, params=197)
+
+
+@pytest.mark.parametrize("bad", [dict(params=0), dict(params=-3), dict(u=5, n_tie=1), dict(u=1, n_tie=0),
+                                 dict(params=13, u=1), dict()])
+def test_plan_rejects_bad_requests(bad):
+    with pytest.raises(ValueError):
+        T.plan_groups(["a", "b"], ["t", "t"], 2, **bad)
+
+
+def test_structured_groups_hold_one_type_over_consecutive_layers():
+    m = tiny_model("llama", vocab=100, layers=6)
+    bank = T.apply_tinylora(m, params=14, tie="structured")
+    assert bank.num_params() == 14 and len(bank.groups) == 14
+    for g in bank.groups:
+        types = {n.split(".", 3)[3] for n in g}
+        layers = [int(n.split(".")[2]) for n in g]
+        assert len(types) == 1 and layers == list(range(layers[0], layers[0] + len(layers)))
+    with pytest.raises(ValueError, match="one group per module type"):
+        T.apply_tinylora(tiny_model("llama", vocab=100), params=5, tie="structured")
+    m = tiny_model("llama", vocab=100, layers=6)
+    assert T.apply_tinylora(m, u=1, n_tie=4, tie="structured").num_params() == 7 * 2  # ceil(6/4) per type
+
+
+def test_model_level_count_equals_N_and_unknown_target_is_refused():
+    m = tiny_model("qwen2", vocab=100, layers=4)
+    bank = T.apply_tinylora(m, params=28)
+    assert T.count_trainable(m, bank) == 28 == bank.num_params()
+    assert sum(p.requires_grad for p in m.parameters()) == 0
+    with pytest.raises(ValueError, match="not found"):
+        T.apply_tinylora(tiny_model("qwen2", vocab=100), params=1, targets=("q_proj", "qkv_proj"))
+    with pytest.raises(ValueError, match="already"):
+        T.apply_tinylora(m, params=1)
+
+
+# (d) only v gets gradients; tying shares v, not P -----------------------------------------------------
+
+def test_only_v_gets_gradients_and_tied_modules_share_v_with_distinct_P():
+    m = tiny_model("qwen2", vocab=100, layers=2)
+    bank = T.apply_tinylora(m, params=2)  # 14 modules, 2 groups of 7
+    with torch.no_grad():
+        bank.v.fill_(0.1)
+    m(torch.randint(0, 100, (2, 5))).logits.square().mean().backward()
+    assert bank.v.grad is not None and bank.v.grad.abs().min() > 0
+    assert all(p.grad is None for p in m.parameters())
+    g0 = [bank.layers[n] for n in bank.groups[0]]
+    assert all(layer.group == 0 for layer in g0)
+    assert all(torch.equal(a.R(), b.R()) is False for a, b in zip(g0, g0[1:]))  # distinct P → distinct R
+    for a in g0:
+        for b in g0:
+            assert a is b or not torch.equal(a.P, b.P)
+
+
+# (e) LoRA-XS: R is v reshaped --------------------------------------------------------------------------
+
+@FAST
+@given(r=st.integers(1, 4), seed=st.integers(0, 100))
+def test_lora_xs_R_is_reshaped_v(r, seed):
+    layer, bank = adapted_layer(8, 9, r, None, seed, lora_xs=True)
+    assert bank.v.shape == (1, r * r)
+    assert torch.equal(layer.R(), bank.v[0].reshape(r, r))
+
+
+def test_lora_xs_budget_on_a_model():
+    m = tiny_model("qwen2", vocab=100, layers=2)
+    bank = T.apply_tinylora(m, params=28, lora_xs=True)  # 28 = 7 groups × r²
+    assert bank.num_params() == 28 and len(bank.groups) == 7
+    with pytest.raises(ValueError, match="multiple"):
+        T.apply_tinylora(tiny_model("qwen2", vocab=100), params=13, lora_xs=True)
+
+
+# (f) merged weights = adapter; base untouched ----------------------------------------------------------
+
+def test_merged_weights_reproduce_adapter_logits_and_leave_base_unchanged():
+    m = tiny_model("qwen2", vocab=300, layers=2)
+    ref = tiny_model("qwen2", vocab=300, layers=2)  # same seed: an untouched copy
+    bank = T.apply_tinylora(m, params=5)
+    with torch.no_grad():
+        bank.v.normal_(0, 0.3)
+    x = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        adapted = m(x).logits
+        merged = dict(bank.merged_weights())
+        assert set(merged) == {f"{n}.weight" for n in bank.layers}
+        sd = ref.state_dict()
+        sd.update(merged)
+        ref.load_state_dict(sd)
+        assert torch.allclose(ref(x).logits, adapted, atol=1e-4, rtol=1e-4)
+        for n, L in bank.layers.items():  # pristine W0 still in place, and ΔW = merged - W0 exactly
+            assert torch.equal(L.base.weight, tiny_model("qwen2", vocab=300, layers=2).get_submodule(n).weight)
+            assert torch.allclose(merged[f"{n}.weight"] - L.base.weight, bank.delta(n), atol=1e-6)
+        assert next(iter(bank.merged_weights(torch.bfloat16)))[1].dtype == torch.bfloat16
+
+
+# (g) checkpoint round trip and failures ----------------------------------------------------------------
+
+def trained_tiny(params=13, seed=0, **kw):
+    m = tiny_model("qwen2", vocab=300, layers=2, seed=seed)
+    bank = T.apply_tinylora(m, params=params, **kw)
+    with torch.no_grad():
+        bank.v.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    return m, bank
+
+
+@pytest.mark.parametrize("kw", [dict(params=13), dict(u=2, n_tie=3), dict(params=8, tie="structured", svd="exact"),
+                                dict(params=12, lora_xs=True)])
+def test_checkpoint_round_trip_reproduces_logits(tmp_path, kw):
+    params = kw.pop("params", None)
+    m = tiny_model("qwen2", vocab=300, layers=2)
+    bank = T.apply_tinylora(m, params=params, **kw)
+    with torch.no_grad():
+        bank.v.normal_(0, 0.5)
+    x = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        want = m(x).logits
+    path = T.save_adapter(bank, str(tmp_path / "a.safetensors"), base_model="tiny")
+    fresh = tiny_model("qwen2", vocab=300, layers=2)
+    bank2 = T.load_adapter(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, want)
+    assert torch.equal(bank2.v, bank.v) and bank2.config["base_model"] == "tiny"
+
+
+def payload_bytes(path):
+    header_len = int.from_bytes(open(path, "rb").read(8), "little")
+    return os.path.getsize(path) - 8 - header_len
+
+
+def test_checkpoint_payload_is_52_or_26_bytes(tmp_path):
+    m, bank = trained_tiny(13)
+    assert payload_bytes(T.save_adapter(bank, str(tmp_path / "f.safetensors"))) == 52
+    p16 = T.save_adapter(bank, str(tmp_path / "h.safetensors"), dtype=torch.bfloat16)
+    assert payload_bytes(p16) == 26
+    v, meta = T.read_adapter(p16)
+    assert torch.equal(v, bank.v.detach().bfloat16().float()) and meta["v_dtype"] == "bfloat16"
+    assert os.path.getsize(p16) < 8192  # the whole file, header included
+    assert not any(f.name.startswith("h.safetensors.tmp") for f in tmp_path.iterdir())
+
+
+def test_checkpoint_failures_are_clear(tmp_path):
+    m, bank = trained_tiny(13)
+    good = T.save_adapter(bank, str(tmp_path / "a.safetensors"))
+    with pytest.raises(ValueError, match="different base weights"):
+        T.load_adapter(tiny_model("qwen2", vocab=300, layers=2, seed=7), good)
+    other = tiny_model("qwen2", vocab=300, layers=3)
+    with pytest.raises(ValueError, match="another architecture"):
+        T.load_adapter(other, good)
+    assert not any(isinstance(x, T.TinyLoRALinear) for x in other.modules())  # refused → model left clean
+    data = open(good, "rb").read()
+    (tmp_path / "trunc.safetensors").write_bytes(data[:-10])
+    with pytest.raises(ValueError, match="not a readable TinyLoRA adapter"):
+        T.read_adapter(str(tmp_path / "trunc.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(ValueError, match="not a readable"):
+        T.read_adapter(str(tmp_path / "junk.safetensors"))
+    with pytest.raises(ValueError, match="not found"):
+        T.read_adapter(str(tmp_path / "nope.safetensors"))
+    from safetensors.torch import save_file
+    meta = dict(bank.config, format_version=99)
+    save_file({"v": bank.v.detach()}, str(tmp_path / "v99.safetensors"), metadata={"tinylora": json.dumps(meta)})
+    with pytest.raises(ValueError, match="format version 99"):
+        T.read_adapter(str(tmp_path / "v99.safetensors"))
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        T.save_adapter(bank, str(tmp_path / "x.safetensors"), dtype=torch.float16)
+
+
+def test_checkpoint_round_trip_on_smollm2(smol, tmp_path):
+    model, tok = smol
+    x = tok(["Let's think step by step."], return_tensors="pt")
+    bank = T.apply_tinylora(model, params=13)
+    try:
+        with torch.no_grad():
+            bank.v.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+            want = model(**x).logits
+        path = T.save_adapter(bank, str(tmp_path / "smol.safetensors"))
+        assert payload_bytes(path) == 52
+    finally:
+        T.remove_tinylora(model)
+    bank2 = T.load_adapter(model, path)
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(**x).logits, want)
+    finally:
+        T.remove_tinylora(model)
+
+
+# (h) determinism and canonical signs --------------------------------------------------------------------
+
+def test_two_fresh_applications_give_identical_factors_and_P():
+    a, b = tiny_model("llama", vocab=100), tiny_model("llama", vocab=100)
+    ba, bb = T.apply_tinylora(a, params=7), T.apply_tinylora(b, params=7)
+    for n in ba.layers:
+        for buf in ("U", "S", "V", "P"):
+            assert torch.equal(getattr(ba.layers[n], buf), getattr(bb.layers[n], buf)), (n, buf)
+
+
+def test_P_depends_only_on_seed_and_name_and_is_pinned():
+    assert torch.equal(T.P_random(3, 2, 0, "x"), T.P_random(3, 2, 0, "x"))
+    assert not torch.equal(T.P_random(3, 2, 0, "x"), T.P_random(3, 2, 1, "x"))
+    assert not torch.equal(T.P_random(3, 2, 0, "x"), T.P_random(3, 2, 0, "y"))
+    # golden values: a saved adapter is only meaningful if P is the same on every machine and version
+    got = T.P_random(2, 2, 0, "model.layers.0.self_attn.q_proj").flatten().tolist()
+    want = [-0.34955063, 0.54781234, -1.06894994, 0.04622271, 0.47869545, -0.29810453, -0.44179338, -0.72532284]
+    assert got == pytest.approx(want, abs=1e-7)
+    assert T.stable_seed(0, "a") == 3597162743808503674
+    assert abs(T.P_random(4096, 2, 0, "z").std().item() * math.sqrt(4096) - 1) < 0.05  # N(0,1)/√u
+
+
+@FAST
+@given(m=st.integers(3, 20), n=st.integers(3, 20), seed=st.integers(0, 1000), flips=st.integers(0, 7))
+def test_signs_are_canonical_under_flips(m, n, seed, flips):
+    W = torch.randn(m, n, generator=torch.Generator().manual_seed(seed))
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    r = min(3, m, n)
+    U, V = U[:, :r], Vh[:r].T
+    s = torch.tensor([-1.0 if flips >> i & 1 else 1.0 for i in range(r)])
+    a, b = T.canonical_signs(U, V), T.canonical_signs(U * s, V * s)  # (U s)(V s)ᵀ is the same SVD
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert ((a[0] ** 3).sum(0) > 0).all()
+
+
+def test_exact_and_randomized_agree_on_a_decaying_spectrum():
+    g = torch.Generator().manual_seed(0)
+    Q1, _ = torch.linalg.qr(torch.randn(300, 300, generator=g))
+    Q2, _ = torch.linalg.qr(torch.randn(200, 200, generator=g))
+    s = 10.0 * 0.8 ** torch.arange(200.0)
+    W = Q1[:, :200] * s @ Q2.T
+    Ue, Se, Ve = T.svd_factors(W, 2, "exact")
+    Ur, Sr, Vr = T.svd_factors(W, 2, "randomized")
+    assert torch.allclose(Se, Sr, rtol=1e-5)
+    assert torch.allclose(Ue, Ur, atol=1e-4) and torch.allclose(Ve, Vr, atol=1e-4)  # signs included
+
+
+def test_randomized_svd_is_deterministic_and_leaves_global_rng_alone():
+    W = torch.randn(50, 40)
+    torch.manual_seed(123)
+    a = T.svd_factors(W, 2, "randomized")
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    b = T.svd_factors(W, 2, "randomized")
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and torch.equal(torch.rand(1), after)
+
+
+# CLI ---------------------------------------------------------------------------------------------------
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "tinylora.py", *args], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(T.__file__)), env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+def test_cli_prints_plan_for_smollm2_gguf():
+    p = run_cli("--model", need_shared(SMOL_GGUF), "--params", "13")
+    assert p.returncode == 0, p.stderr
+    assert "210 modules" in p.stdout and "13 trainable parameters = 52 bytes fp32 / 26 bytes bf16" in p.stdout
+    p = run_cli("--model", SMOL_GGUF, "--params", "841")  # 841 = 29² > 210 and not a u·G with u ≤ 4
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "nearest feasible budgets" in p.stderr
+    p = run_cli("--model", "/nonexistent/x.gguf")
+    assert p.returncode == 2 and "not found" in p.stderr
