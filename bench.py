@@ -1,0 +1,236 @@
+"""
+Benchmark: this project's TinyLoRA against PEFT's TinyLoraConfig, measured side by side in one run.
+
+    python bench.py --size smollm2 --device cpu            # this machine (2 cores)
+    python bench.py --size 7b --device cuda --dtype bfloat16   # a GPU (random weights, built from a config)
+
+Builds the model from a config (no download, random weights), then measures, in the same process:
+init time (SVD of every adapted module), forward and fwd+bwd step time as ratios to the same network
+("the floor": one trainable scalar on the embeddings, so backward runs through every layer), peak memory
+(CUDA only), the time to produce the merged weights W0+ΔW a generator needs each step (PEFT: merge +
+unmerge), and tiny-checkpoint save/load time and size. Appends one JSON line per run to --out.
+
+Chosen here:
+ 1. 13 parameters, r = 2, all 7 projections for both libraries: ours params=13 (u=1, 13 balanced groups),
+    PEFT u=13 with all modules tied (weight_tying=1.0) -- the closest it gets to 13 scalars.
+ 2. Times are medians of --iters runs after --warmup runs; CUDA is synchronised around each timing.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+import tinylora
+
+SIZES = {  # (architecture, config kwargs): the real shapes, from the published configs
+    "tiny": ("qwen2", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=8192)),
+    "smollm2": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                              num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)),
+    "1.5b": ("qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                           num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)),
+    "7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)),
+}
+
+
+def build(size, device, dtype, seed=0):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    arch, kw = SIZES[size]
+    cfg = (Qwen2Config if arch == "qwen2" else LlamaConfig)(max_position_embeddings=4096, **kw)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        m = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return m.eval().requires_grad_(False)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, iters, warmup):
+    """Median seconds of fn() over iters runs after warmup runs."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(iters):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def peak_mem(device):
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
+
+
+def floor_scalar(model):
+    """One trainable scalar multiplying the embeddings: backward then runs through the whole network."""
+    s = torch.nn.Parameter(torch.ones((), device=model.device, dtype=torch.float32))
+    emb = model.get_input_embeddings()
+    emb.register_forward_hook(lambda mod, inp, out: out * s.to(out.dtype))
+    return [s]
+
+
+def step_fns(model, params, x):
+    def fwd():
+        with torch.no_grad():
+            model(x)
+
+    def fwd_bwd():
+        loss = model(x).logits.float().square().mean()
+        loss.backward()
+        for p in params:
+            p.grad = None
+    return fwd, fwd_bwd
+
+
+def apply_peft(model):
+    from peft import TinyLoraConfig, get_peft_model
+    cfg = TinyLoraConfig(r=2, u=13, weight_tying=1.0, target_modules=list(tinylora.DEFAULT_TARGETS))
+    return get_peft_model(model, cfg)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="TinyLoRA vs PEFT, side by side")
+    ap.add_argument("--size", default="smollm2", choices=sorted(SIZES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--batch", type=int, default=None, help="default: 8 on CUDA, 2 on CPU")
+    ap.add_argument("--seq", type=int, default=None, help="default: 512 on CUDA, 128 on CPU")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--svd", default="randomized", choices=["randomized", "exact"])
+    ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--out", default="bench.jsonl")
+    a = ap.parse_args(argv)
+    cuda = a.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is visible")
+    dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
+    B, T = a.batch or (8 if cuda else 2), a.seq or (512 if cuda else 128)
+    try:
+        import peft
+        peft_version = peft.__version__
+        from peft import TinyLoraConfig  # noqa: F401
+    except ImportError:
+        peft_version = None
+    run_peft = peft_version is not None and not a.no_peft
+    machine = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    print(f"machine: {machine} | torch {torch.__version__} | peft {peft_version} | size {a.size} | {dtype} | batch {B}×{T}")
+
+    res = dict(size=a.size, device=a.device, machine=machine, torch=torch.__version__, peft=peft_version,
+               dtype=str(dtype), batch=B, seq=T, svd=a.svd)
+    x = torch.randint(0, SIZES[a.size][1]["vocab_size"], (B, T), device=a.device)
+
+    # ---- the floor: the same network, one trainable scalar
+    model = build(a.size, a.device, dtype)
+    fwd, fwd_bwd = step_fns(model, [], x)
+    res["base_fwd_s"] = timed(fwd, a.device, a.iters, a.warmup)
+    params = floor_scalar(model)
+    fwd, fwd_bwd = step_fns(model, params, x)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    res["floor_step_s"] = timed(fwd_bwd, a.device, a.iters, a.warmup)
+    res["floor_mem_gib"] = peak_mem(a.device)
+    del model
+
+    # ---- ours
+    model = build(a.size, a.device, dtype)
+    sync(a.device)
+    t = time.perf_counter()
+    bank = tinylora.apply_tinylora(model, params=13, svd=a.svd)
+    sync(a.device)
+    res["ours_init_s"] = time.perf_counter() - t
+    with torch.no_grad():
+        bank.v.normal_(0, 0.01)
+    fwd, fwd_bwd = step_fns(model, [bank.v], x)
+    res["ours_fwd_s"] = timed(fwd, a.device, a.iters, a.warmup)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    res["ours_step_s"] = timed(fwd_bwd, a.device, a.iters, a.warmup)
+    res["ours_mem_gib"] = peak_mem(a.device)
+    res["ours_merged_s"] = timed(lambda: [w for _, w in bank.merged_weights(dtype)], a.device, a.iters, 1)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "a.safetensors")
+        res["ours_save_s"] = timed(lambda: tinylora.save_adapter(bank, path), a.device, a.iters, 1)
+        res["ours_ckpt_bytes"] = os.path.getsize(path)
+        tinylora.remove_tinylora(model)
+        t = time.perf_counter()
+        tinylora.load_adapter(model, path)  # rebuilds every factor: same cost as init
+        sync(a.device)
+        res["ours_load_s"] = time.perf_counter() - t
+    del model, bank
+
+    # ---- PEFT
+    if run_peft:
+        model = build(a.size, a.device, dtype)
+        sync(a.device)
+        t = time.perf_counter()
+        pm = apply_peft(model)
+        sync(a.device)
+        res["peft_init_s"] = time.perf_counter() - t
+        trainable = [p for p in pm.parameters() if p.requires_grad]
+        res["peft_params"] = sum(p.numel() for p in trainable)
+        with torch.no_grad():
+            for p in trainable:
+                p.normal_(0, 0.01)
+        fwd, fwd_bwd = step_fns(pm, trainable, x)
+        res["peft_fwd_s"] = timed(fwd, a.device, a.iters, a.warmup)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        res["peft_step_s"] = timed(fwd_bwd, a.device, a.iters, a.warmup)
+        res["peft_mem_gib"] = peak_mem(a.device)
+
+        def merge_unmerge():
+            pm.merge_adapter()
+            pm.unmerge_adapter()
+        res["peft_merged_s"] = timed(merge_unmerge, a.device, a.iters, 1)
+        with tempfile.TemporaryDirectory() as d:
+            res["peft_save_s"] = timed(lambda: pm.save_pretrained(d), a.device, a.iters, 1)
+            res["peft_ckpt_bytes"] = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
+            from peft import PeftModel
+            base = build(a.size, a.device, dtype)
+            sync(a.device)
+            t = time.perf_counter()
+            PeftModel.from_pretrained(base, d)
+            sync(a.device)
+            res["peft_load_s"] = time.perf_counter() - t
+        del model, pm
+
+    # ---- table
+    f = res["floor_step_s"]
+    rows = [("init (SVD of every module), s", "ours_init_s", "peft_init_s", None),
+            ("forward ÷ base forward", "ours_fwd_s", "peft_fwd_s", res["base_fwd_s"]),
+            ("fwd+bwd ÷ floor", "ours_step_s", "peft_step_s", f),
+            ("peak memory, GiB (floor %.2f)" % res["floor_mem_gib"], "ours_mem_gib", "peft_mem_gib", None),
+            ("merged weights / merge+unmerge, s", "ours_merged_s", "peft_merged_s", None),
+            ("checkpoint save, s", "ours_save_s", "peft_save_s", None),
+            ("checkpoint load (rebuild), s", "ours_load_s", "peft_load_s", None),
+            ("checkpoint size, bytes", "ours_ckpt_bytes", "peft_ckpt_bytes", None)]
+    print(f"\n| {a.size}, {machine} | this project | PEFT {peft_version or '(not installed)'} |\n| --- | --- | --- |")
+    for label, ko, kp, div in rows:
+        cell = lambda k: "-" if k not in res else (f"{res[k] / div:.2f}×" if div else (f"{res[k]:,}" if isinstance(res[k], int) else f"{res[k]:.4g}"))  # noqa: E731
+        print(f"| {label} | {cell(ko)} | {cell(kp)} |")
+    print(f"(floor fwd+bwd {f * 1e3:.1f} ms, base forward {res['base_fwd_s'] * 1e3:.1f} ms; trainable: ours 13, "
+          f"PEFT {res.get('peft_params', '-')})")
+    with open(a.out, "a") as fh:
+        fh.write(json.dumps(res) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,210 @@
+"""
+GSM8K evaluation: the same model, prompt, greedy decoding and extractor, with and without a TinyLoRA adapter.
+
+    python eval.py --model Qwen/Qwen2.5-7B-Instruct --adapter runs/gsm8k/adapter.safetensors --compare
+    python eval.py --model ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --data ../shared/data/gsm8k/test.jsonl --limit 200 --max-new-tokens 256
+    python eval.py --model <smollm2> --data arith --adapter runs/cpu-demo/adapter.safetensors --compare --max-new-tokens 40
+
+Protocol (printed with every report): greedy, the chat template and prompt of train_grpo.py (imported, not
+copied), the full test split unless --limit. Strict accuracy = the training reward (the number after the
+last '####' equals the gold and the reply ended on its own); flexible = the last number in the reply.
+
+Chosen where the paper is silent:
+ 1. 95% intervals are Wilson score intervals (sound near 0% and 100%, unlike the normal approximation).
+ 2. --compare runs base and adapter on the same problems; the base is the same adapted model with v = 0,
+    which is bit-identical to the untouched model (tested). The difference is judged with an exact
+    McNemar test on the discordant pairs, because the two runs are paired, not independent samples.
+ 3. With vLLM the adapter is merged (W0+ΔW, fp32 math from the pristine W0) and pushed to the engine.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+import tinylora
+import train_grpo as G
+
+# -----------------------------------------------------------------------------
+# Metrics: pure functions
+
+
+def wilson(k, n, z=1.959964):
+    """95% Wilson score interval for k successes in n trials."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    d = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def mcnemar_exact(b, c):
+    """Two-sided exact McNemar p-value: b = right only in A, c = right only in B (binomial, p = 1/2)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def score(reply, gold, finished, n_tokens):
+    """One problem's verdicts."""
+    return dict(strict=G.reward(reply, gold, finished) == 1.0,
+                flexible=G.same_number(G.extract_flexible(reply), gold),
+                has_hash=G.extract_strict(reply) is not None,
+                unparseable=G.extract_flexible(reply) is None,
+                finished=bool(finished), n_tokens=n_tokens)
+
+
+def summarize(results):
+    """Accuracies with intervals, lengths, truncation and unparseable counts over a list of score dicts."""
+    n = len(results)
+    out = dict(n=n)
+    for k in ("strict", "flexible"):
+        hits = sum(r[k] for r in results)
+        lo, hi = wilson(hits, n)
+        out[k] = dict(acc=hits / n, correct=hits, ci95=[lo, hi])
+    out["has_hash"] = sum(r["has_hash"] for r in results) / n
+    out["mean_tokens"] = sum(r["n_tokens"] for r in results) / n
+    out["truncated"] = sum(not r["finished"] for r in results) / n
+    out["unparseable"] = sum(r["unparseable"] for r in results)
+    return out
+
+
+def compare(base, adapted, key="strict"):
+    """Paired comparison of two result lists on the same problems."""
+    b = sum(x[key] and not y[key] for x, y in zip(base, adapted))  # right only without the adapter
+    c = sum(y[key] and not x[key] for x, y in zip(base, adapted))  # right only with it
+    p = mcnemar_exact(b, c)
+    return dict(metric=key, base_only=b, adapter_only=c, diff=(c - b) / len(base), p_value=p, significant=p < 0.05)
+
+
+# -----------------------------------------------------------------------------
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description="GSM8K evaluation of a model with/without a TinyLoRA adapter",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", required=True, help="hub id, local folder or .gguf file")
+    ap.add_argument("--adapter", default=None, help="a tinylora.py adapter (.safetensors)")
+    ap.add_argument("--compare", action="store_true", help="evaluate base and adapter in one run")
+    ap.add_argument("--data", default="openai/gsm8k", help="openai/gsm8k, a .jsonl file, a folder, or 'arith'")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--limit", type=int, default=None, help="first N problems only")
+    ap.add_argument("--backend", default="auto", choices=["auto", "vllm", "hf"])
+    ap.add_argument("--max-new-tokens", type=int, default=4096)
+    ap.add_argument("--max-prompt", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=64, help="prompts per generate call")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="JSON report path (default: next to the adapter, or eval.json)")
+    ap.add_argument("--work-dir", default=".cache", help="where a .gguf model is exported for vLLM")
+    a = ap.parse_args(argv)
+    if a.compare and not a.adapter:
+        raise ValueError("--compare needs --adapter")
+    if a.adapter and not os.path.isfile(a.adapter):
+        raise ValueError(f"adapter file not found: {a.adapter}")
+    if a.model.endswith(".gguf") and not os.path.isfile(a.model):
+        raise ValueError(f"model file not found: {a.model}")
+    if a.data.endswith(".jsonl") and not os.path.isfile(a.data):
+        raise ValueError(f"data file not found: {a.data}")
+    if a.limit is not None and a.limit < 1 or a.max_new_tokens < 1 or a.batch_size < 1:
+        raise ValueError("--limit, --max-new-tokens and --batch-size must be >= 1")
+    return a
+
+
+def main(argv=None):
+    a = get_args(argv)
+    dev, dtype, backend = G.resolve_runtime(a)
+    rows, shots = G.load_task(a.data, a.split)
+    rows = rows[:a.limit] if a.limit else rows
+    protocol = dict(decoding="greedy", prompt="chat template, one user turn: question + " + json.dumps(G.SUFFIX),
+                    shots=len(shots),
+                    strict="number after the last '####' == gold, reply ended with EOS",
+                    flexible="last number in the reply == gold", max_new_tokens=a.max_new_tokens)
+    print(f"protocol: {json.dumps(protocol)}\nbackend {backend}, device {dev}, dtype {dtype}")
+
+    # ---- model, adapter, prompts
+    model, tok = tinylora.load_model(a.model, dtype=dtype, device=dev)
+    eos = G.eos_ids(model, tok)
+    items = G.prompt_ids(tok, rows, shots, a.max_prompt)
+    if len(items) < len(rows):
+        print(f"note: {len(rows) - len(items)} prompts over {a.max_prompt} tokens skipped")
+    llm = None
+    if backend == "vllm":
+        folder = a.model
+        if a.model.endswith(".gguf"):
+            folder = G.export_hf_folder(model, tok, os.path.join(a.work_dir, os.path.basename(a.model)[:-5] + "-hf"))
+        llm = G.make_vllm(folder, str(dtype).replace("torch.", ""), a.max_prompt + a.max_new_tokens, a.seed,
+                          a.gpu_memory_utilization)
+    bank = tinylora.load_adapter(model, a.adapter) if a.adapter else None
+    if bank is not None:
+        print(bank.plan_text() + f" (from {a.adapter}, trained on {bank.config.get('base_model')})")
+
+    def run(label):
+        from tqdm import tqdm
+        if llm is not None and bank is not None:
+            G.sync_weights(llm, model, bank, dtype)
+        t0, out = time.time(), []
+        for s in tqdm(range(0, len(items), a.batch_size), desc=label):
+            prompts = [p for _, p in items[s:s + a.batch_size]]
+            torch.manual_seed(a.seed)
+            if llm is not None:
+                out += G.generate_vllm(llm, tok, prompts, 1, a.max_new_tokens, 0.0, eos)
+            else:
+                out += G.generate_hf(model, tok, prompts, 1, a.max_new_tokens, 0.0, eos, batch_size=a.batch_size)
+        res = [dict(question=r["question"], gold=r["gold"], reply=c["text"],
+                    **score(c["text"], r["gold"], c["finished"], len(c["ids"]))) for (r, _), c in zip(items, out)]
+        summ = dict(summarize(res), seconds=time.time() - t0)
+        return res, summ
+
+    # ---- evaluate: adapter (and base = v zeroed) on the same problems
+    report = dict(config=vars(a), protocol=protocol, backend=backend, device=dev, dtype=str(dtype), models={})
+    per = {}
+    if bank is None or a.compare:
+        if bank is not None:
+            v = bank.v.detach().clone()
+            with torch.no_grad():
+                bank.v.zero_()
+        per["base"], report["models"]["base"] = run("base")
+        if bank is not None:
+            with torch.no_grad():
+                bank.v.copy_(v)
+    if bank is not None:
+        per["adapter"], report["models"]["adapter"] = run("adapter")
+    if a.compare:
+        report["compare"] = {k: compare(per["base"], per["adapter"], k) for k in ("strict", "flexible")}
+    report["problems"] = per
+
+    # ---- print and save
+    print(f"\n{a.model} on {a.data} [{a.split}], {len(items)} problems, greedy, {a.max_new_tokens} new tokens")
+    print(f"{'':8s} {'strict':>24s} {'flexible':>24s} {'####':>6s} {'trunc':>6s} {'tokens':>7s} {'time':>6s}")
+    for k, m in report["models"].items():
+        cell = lambda x: f"{x['acc']:6.1%} [{x['ci95'][0]:5.1%}, {x['ci95'][1]:5.1%}]"  # noqa: E731
+        print(f"{k:8s} {cell(m['strict']):>24s} {cell(m['flexible']):>24s} {m['has_hash']:6.1%} "
+              f"{m['truncated']:6.1%} {m['mean_tokens']:7.1f} {m['seconds']:5.0f}s")
+    for k, c in report.get("compare", {}).items():
+        print(f"{k}: adapter − base = {c['diff']:+.1%} ({c['adapter_only']} gained, {c['base_only']} lost), "
+              f"McNemar p = {c['p_value']:.2g} -> {'significant' if c['significant'] else 'not significant'} at 5%")
+    out = a.out or (os.path.join(os.path.dirname(a.adapter), f"eval-{os.path.basename(a.data)}.json") if a.adapter else "eval.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    print(f"report: {out}")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:  # bad input: one clear line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

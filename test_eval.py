@@ -1,0 +1,90 @@
+"""Tests of eval.py: intervals, McNemar, strict/flexible scoring, end-to-end on both backends, adapter refusal.
+CPU only, no network. Run: pytest -q test_eval.py"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import eval as E
+import tinylora
+from conftest import GSM8K_TEST, need_shared, tiny_model
+
+HERE = os.path.dirname(os.path.abspath(E.__file__))
+
+
+def test_wilson_hand_values():
+    lo, hi = E.wilson(50, 100)
+    assert (round(lo, 4), round(hi, 4)) == (0.4038, 0.5962)  # textbook value for 50/100
+    lo, hi = E.wilson(0, 10)
+    assert lo == 0.0 and round(hi, 4) == 0.2775
+    assert E.wilson(10, 10)[1] == 1.0 and E.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_mcnemar_exact_on_known_tables():
+    assert E.mcnemar_exact(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)  # = 0.03857
+    assert E.mcnemar_exact(3, 3) == 1.0 and E.mcnemar_exact(0, 0) == 1.0
+    assert E.mcnemar_exact(0, 6) == pytest.approx(2 / 64)
+
+
+def test_strict_flexible_split_on_a_table_of_replies():
+    table = [  # reply, gold, finished -> strict, flexible, unparseable
+        ("3 + 4 = 7\n#### 7", 7, True, True, True, False),
+        ("3 + 4 = 7. The answer is 7.", 7, True, False, True, False),
+        ("#### 7", 7, False, False, True, False),  # cut off: never strict
+        ("#### 8 wait, 7", 7, True, False, True, False),
+        ("#### 7, so 8 in total", 7, True, True, False, False),
+        ("I don't know", 7, True, False, False, True),
+    ]
+    res = [E.score(r, g, f, 5) for r, g, f, *_ in table]
+    assert [x["strict"] for x in res] == [t[3] for t in table]
+    assert [x["flexible"] for x in res] == [t[4] for t in table]
+    assert [x["unparseable"] for x in res] == [t[5] for t in table]
+    s = E.summarize(res)
+    assert s["strict"]["correct"] == 2 and s["flexible"]["correct"] == 4 and s["unparseable"] == 1
+    assert s["truncated"] == pytest.approx(1 / 6) and s["n"] == 6
+    c = E.compare(res, [dict(x, strict=True) for x in res])
+    assert (c["adapter_only"], c["base_only"], c["diff"]) == (4, 0, pytest.approx(4 / 6))
+
+
+def run(*argv):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "eval.py", *argv], capture_output=True, text=True, cwd=HERE, env=env,
+                          timeout=900)
+
+
+def test_both_backends_give_the_same_greedy_replies_and_the_adapter_is_applied(tiny_folder, smol_tok, tmp_path):
+    data = need_shared(GSM8K_TEST)
+    m = tiny_model("qwen2", tok=smol_tok, vocab=len(smol_tok))  # the same weights as tiny_folder
+    bank = tinylora.apply_tinylora(m, params=7)
+    with torch.no_grad():
+        bank.v.fill_(2.0)
+    adapter = tinylora.save_adapter(bank, str(tmp_path / "a.safetensors"))
+    reports = {}
+    for backend in ("hf", "vllm"):
+        out = tmp_path / f"{backend}.json"
+        p = run("--model", tiny_folder, "--data", data, "--limit", "4", "--max-new-tokens", "12",
+                "--backend", backend, "--adapter", adapter, "--compare", "--out", str(out))
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "McNemar" in p.stdout and "greedy" in p.stdout
+        reports[backend] = json.load(open(out))
+    for k in ("base", "adapter"):
+        hf = [x["reply"] for x in reports["hf"]["problems"][k]]
+        vl = [x["reply"] for x in reports["vllm"]["problems"][k]]
+        assert hf == vl and len(hf) == 4
+    assert reports["hf"]["problems"]["base"] != reports["hf"]["problems"]["adapter"]  # v = 2 changes the replies
+    assert reports["hf"]["models"]["base"]["n"] == 4 and "ci95" in reports["hf"]["models"]["base"]["strict"]
+
+
+def test_adapter_for_another_model_is_refused(tiny_folder, tmp_path):
+    other = tiny_model("qwen2", vocab=49152, seed=5)
+    bank = tinylora.apply_tinylora(other, params=7)
+    adapter = tinylora.save_adapter(bank, str(tmp_path / "other.safetensors"))
+    p = run("--model", tiny_folder, "--data", "arith", "--limit", "2", "--backend", "hf", "--adapter", adapter)
+    assert p.returncode == 2 and "different base weights" in p.stderr and p.stderr.strip().count("\n") == 0
+    p = run("--model", tiny_folder, "--adapter", str(tmp_path / "nope.safetensors"))
+    assert p.returncode == 2 and "adapter file not found" in p.stderr
+    p = run("--model", tiny_folder, "--compare")
+    assert p.returncode == 2 and "--compare needs --adapter" in p.stderr
