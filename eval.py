@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import torch
@@ -203,8 +202,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:  # bad input: one clear line, exit code 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    tinylora.run_cli(main)

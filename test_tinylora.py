@@ -307,7 +307,7 @@ def test_checkpoint_round_trip_on_smollm2(smol, tmp_path):
         assert payload_bytes(path) == 52
     finally:
         T.remove_tinylora(model)
-    bank2 = T.load_adapter(model, path)
+    T.load_adapter(model, path)
     try:
         with torch.no_grad():
             assert torch.equal(model(**x).logits, want)

@@ -195,7 +195,7 @@ def tiny_llm(tiny_folder):
 def test_vllm_sync_matches_trainer_logprobs(tiny_llm, tiny_folder, smol_tok, targets):
     from transformers import AutoModelForCausalLM
     m = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
-    bank = tinylora.apply_tinylora(m, params=7, targets=targets)
+    bank = tinylora.apply_tinylora(m, params=4, targets=targets)
     with torch.no_grad():
         bank.v.normal_(0, 1.0, generator=torch.Generator().manual_seed(3))
     prompts = [G.prompt_ids(smol_tok, [r], [], 512)[0][1] for r in G.arith_rows("test")[:3]]
@@ -255,23 +255,23 @@ def test_bad_adapter_flags_on_a_real_model_write_nothing(tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     need_shared(SMOL_GGUF)
-    common = ["--preset", "cpu-demo", "--backend", "hf", "--batch-prompts", "2", "--group-size", "4",
-              "--max-new-tokens", "16", "--lr", "0.05", "--eval-n", "0", "--sample-every", "0"]
+    # the demo's own first batch (8×8 samples): its rewards are not all equal, so step 1 moves v
+    common = ["--preset", "cpu-demo", "--backend", "hf", "--eval-n", "0", "--sample-every", "0"]
     full, part = tmp_path / "full", tmp_path / "part"
-    p = run(*common, "--steps", "3", "--out", str(full))
+    p = run(*common, "--steps", "2", "--out", str(full))
     assert p.returncode == 0, p.stderr[-2000:]
-    p = run(*common, "--steps", "2", "--out", str(part))
+    p = run(*common, "--steps", "1", "--out", str(part))
     assert p.returncode == 0, p.stderr[-2000:]
-    with open(part / "log.jsonl", "a") as f:  # as if killed after logging step 3 but before its checkpoint
-        f.write(json.dumps(dict(kind="train", step=3, reward=-1)) + "\n")
-    p = run("--resume", str(part), "--steps", "3")
-    assert p.returncode == 0 and "resumed at step 2" in p.stdout, p.stderr[-2000:]
+    with open(part / "log.jsonl", "a") as f:  # as if killed after logging step 2 but before its checkpoint
+        f.write(json.dumps(dict(kind="train", step=2, reward=-1)) + "\n")
+    p = run("--resume", str(part), "--steps", "2")
+    assert p.returncode == 0 and "resumed at step 1" in p.stdout, p.stderr[-2000:]
     va, ma = tinylora.read_adapter(str(full / "adapter.safetensors"))
     vb, mb = tinylora.read_adapter(str(part / "adapter.safetensors"))
-    assert va.abs().sum() > 0, "no learning signal in 3 steps: the comparison would be vacuous"
+    assert va.abs().sum() > 0, "no learning signal: the comparison would be vacuous"
     assert torch.allclose(va, vb, atol=1e-6)
     la = [json.loads(x) for x in open(full / "log.jsonl")]
     lb = [json.loads(x) for x in open(part / "log.jsonl")]
-    assert [r["step"] for r in lb] == [1, 2, 3]
+    assert [r["step"] for r in lb] == [1, 2]
     assert [r["reward"] for r in la] == [r["reward"] for r in lb]
     assert (full / "reward.png").stat().st_size > 1000

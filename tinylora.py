@@ -257,7 +257,9 @@ class TinyLoRALinear(nn.Module):
     def forward(self, x):  # x (..., in)
         B = (self.U * self.S) @ self.R()  # (out, r) = U Σ R, fp32
         h = x @ self.V.to(x.dtype)  # (..., r)
-        return self.base(x) + h @ B.T.to(x.dtype)  # (..., out)
+        y = self.base(x)  # (..., out)
+        # y + h Bᵀ as one GEMM with beta=1: no separate (..., out) tensor for the update and no extra add pass
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.T.to(x.dtype)).view_as(y)
 
     def extra_repr(self):
         return f"r={self.S.numel()}, u={self.P.shape[0]}, group={self.group}"
@@ -456,6 +458,15 @@ def load_model(spec, dtype=torch.float32, device="cpu"):
     return model, tok
 
 
+def run_cli(main):
+    """Run a script's main(): a ValueError (any bad input) becomes one line on stderr and exit code 2."""
+    try:
+        main()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Print the TinyLoRA plan for a model (reads no weights).")
     ap.add_argument("--model", required=True, help="hub id, local folder or .gguf file")
@@ -489,8 +500,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:  # every bad input: one line, exit code 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

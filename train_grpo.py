@@ -702,8 +702,4 @@ def plot_rewards(log_path, out):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:  # bad input: one clear line, exit code 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    tinylora.run_cli(main)
