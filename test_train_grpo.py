@@ -236,6 +236,7 @@ def run(*argv, timeout=600):
     (["--model", "/nope/m.gguf"], "model file not found"),
     (["--data", "/nope/d.jsonl"], "data file not found"),
     (["--u", "1"], "go together"),
+    (["--model", "/nope/folder"], "cannot load model"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, argv, msg):
     out = tmp_path / "run"

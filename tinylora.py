@@ -447,8 +447,11 @@ def load_model(spec, dtype=torch.float32, device="cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path, gguf = split_gguf(spec)
     kw = dict(gguf_file=gguf) if gguf else {}
-    tok = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device)
+    except OSError as e:  # missing folder, unknown hub id, no network: one line, not a traceback
+        raise ValueError(f"cannot load model {spec!r}: {str(e).strip().splitlines()[0]}") from None
     if gguf:  # the GGUF quantizer marks the model unserializable; the weights are plain floats now
         model.config.__dict__.pop("quantization_config", None)
         if hasattr(model, "hf_quantizer"):

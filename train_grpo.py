@@ -114,7 +114,10 @@ def load_gsm8k(spec, split):
             raise ValueError(f"data folder {spec} has no {split}.jsonl")
         ds = datasets.load_dataset("json", data_files=path, split="train")
     else:
-        ds = datasets.load_dataset(spec, "main", split=split)
+        try:
+            ds = datasets.load_dataset(spec, "main", split=split)
+        except OSError as e:  # unknown dataset id or no network
+            raise ValueError(f"cannot load dataset {spec!r}: {str(e).strip().splitlines()[0]}") from None
     rows = []
     for i, ex in enumerate(ds):
         q, a = ex.get("question"), ex.get("answer")
@@ -491,7 +494,9 @@ def get_args(argv=None):
         cfg_path = os.path.join(a.resume, "config.json")
         if not os.path.isfile(cfg_path):
             raise ValueError(f"--resume {a.resume}: no config.json there")
-        ap.set_defaults(**json.load(open(cfg_path)))
+        saved = json.load(open(cfg_path))
+        saved.pop("resolved", None)  # re-resolved on this machine
+        ap.set_defaults(**saved)
         a = ap.parse_args(argv)
         a.out = a.resume
     elif a.preset:  # preset values replace the defaults; explicit flags still win
@@ -561,9 +566,9 @@ def main(argv=None):
     print(f"data: {len(train)} training prompts ({len(train_rows) - len(train)} over {a.max_prompt} tokens dropped); "
           f"{total_steps} steps of {a.batch_prompts}×{a.group_size}; {total_opt} optimizer steps")
     os.makedirs(a.out, exist_ok=True)
-    if not a.resume:
+    if not a.resume:  # every resolved value, saved with the run (and read back by --resume)
         with open(os.path.join(a.out, "config.json"), "w") as f:
-            json.dump({k: v for k, v in vars(a).items() if k not in ("resume", "preset")}, f, indent=1)
+            json.dump({k: v for k, v in config.items() if k not in ("resume", "preset")}, f, indent=1, default=str)
 
     # ---- generator (vLLM loads W0 from disk; a .gguf is exported to an HF folder first), then the adapter
     llm = None
