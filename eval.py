@@ -52,15 +52,6 @@ def mcnemar_exact(b, c):
     return min(1.0, 2 * tail)
 
 
-def score(reply, gold, finished, n_tokens):
-    """One problem's verdicts."""
-    return dict(strict=G.reward(reply, gold, finished) == 1.0,
-                flexible=G.same_number(G.extract_flexible(reply), gold),
-                has_hash=G.extract_strict(reply) is not None,
-                unparseable=G.extract_flexible(reply) is None,
-                finished=bool(finished), n_tokens=n_tokens)
-
-
 def summarize(results):
     """Accuracies with intervals, lengths, truncation and unparseable counts over a list of score dicts."""
     n = len(results)
@@ -155,13 +146,9 @@ def main(argv=None):
         t0, out = time.time(), []
         for s in tqdm(range(0, len(items), a.batch_size), desc=label):
             prompts = [p for _, p in items[s:s + a.batch_size]]
-            torch.manual_seed(a.seed)
-            if llm is not None:
-                out += G.generate_vllm(llm, tok, prompts, 1, a.max_new_tokens, 0.0, eos)
-            else:
-                out += G.generate_hf(model, tok, prompts, 1, a.max_new_tokens, 0.0, eos, batch_size=a.batch_size)
+            out += G.rollout(llm, model, tok, prompts, 1, a.max_new_tokens, 0.0, eos, a.seed, a.batch_size)
         res = [dict(question=r["question"], gold=r["gold"], reply=c["text"],
-                    **score(c["text"], r["gold"], c["finished"], len(c["ids"]))) for (r, _), c in zip(items, out)]
+                    **G.score(c["text"], r["gold"], c["finished"], len(c["ids"]))) for (r, _), c in zip(items, out)]
         summ = dict(summarize(res), seconds=time.time() - t0)
         return res, summ
 

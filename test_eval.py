@@ -10,6 +10,7 @@ import torch
 
 import eval as E
 import tinylora
+import train_grpo as G
 from conftest import GSM8K_TEST, need_shared, tiny_model
 
 HERE = os.path.dirname(os.path.abspath(E.__file__))
@@ -38,7 +39,7 @@ def test_strict_flexible_split_on_a_table_of_replies():
         ("#### 7, so 8 in total", 7, True, True, False, False),
         ("I don't know", 7, True, False, False, True),
     ]
-    res = [E.score(r, g, f, 5) for r, g, f, *_ in table]
+    res = [G.score(r, g, f, 5) for r, g, f, *_ in table]
     assert [x["strict"] for x in res] == [t[3] for t in table]
     assert [x["flexible"] for x in res] == [t[4] for t in table]
     assert [x["unparseable"] for x in res] == [t[5] for t in table]

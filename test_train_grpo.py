@@ -157,10 +157,8 @@ def test_policy_update_changes_v_and_only_v(smol_tok, mini_batches):
     comps = G.generate_hf(m, smol_tok, prompts, 4, 8, 1.0, [smol_tok.eos_token_id])
     assert len(comps) == 8 and all(len(c["ids"]) == len(c["logprobs"]) for c in comps)
     seqs = [(prompts[i // 4], c["ids"]) for i, c in enumerate(comps)]
-    C = max(len(c["ids"]) for c in comps)
-    roll = torch.zeros(8, C)
-    for i, c in enumerate(comps):
-        roll[i, :len(c["ids"])] = torch.tensor(c["logprobs"])
+    roll = G.rollout_logprobs(comps)
+    assert roll.shape == (8, max(len(c["ids"]) for c in comps))
     A = G.group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 1, 0, 0]), 4)
     opt = torch.optim.AdamW([bank.v], lr=1e-2, weight_decay=0.0)
     old, stats = G.policy_update(m, bank, opt, seqs, A, roll, [1e-2] * mini_batches, args())
@@ -207,9 +205,7 @@ def test_vllm_sync_matches_trainer_logprobs(tiny_llm, tiny_folder, smol_tok, tar
         seqs = [(prompts[i // 2], c["ids"]) for i, c in enumerate(comps)]
         with torch.no_grad():
             lp, mask = G.token_logprobs(m, seqs, max(map(len, prompts)), 1.0)
-        roll = torch.zeros_like(lp)
-        for i, c in enumerate(comps):
-            roll[i, :len(c["ids"])] = torch.tensor(c["logprobs"])
+        roll = G.rollout_logprobs(comps)
         return ((lp - roll).abs() * mask).max().item()
 
     stale = gap()  # vLLM still has W0 (or the previous test's weights): far from the adapter

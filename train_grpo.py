@@ -94,6 +94,15 @@ def reward(text, gold, finished):
     return float(bool(finished) and same_number(extract_strict(text), gold))
 
 
+def score(reply, gold, finished, n_tokens):
+    """One evaluated problem's verdicts (train_grpo's held-out check and eval.py share them)."""
+    return dict(strict=reward(reply, gold, finished) == 1.0,
+                flexible=same_number(extract_flexible(reply), gold),
+                has_hash=extract_strict(reply) is not None,
+                unparseable=extract_flexible(reply) is None,
+                finished=bool(finished), n_tokens=n_tokens)
+
+
 # -----------------------------------------------------------------------------
 # Data: GSM8K (hub id, JSONL file or folder) or the arithmetic task. Rows are {question, gold}.
 
@@ -258,6 +267,22 @@ def generate_vllm(llm, tok, prompts, n, max_new, temperature, eos):
             c, l, fin = cut_at_eos(ids, lps, eos)
             out.append(dict(ids=c, logprobs=l, finished=fin or o.finish_reason == "stop",
                             text=tok.decode(c, skip_special_tokens=True)))
+    return out
+
+
+def rollout(llm, model, tok, prompts, n, max_new, temperature, eos, seed, batch_size=64):
+    """n completions per prompt from vLLM (when an engine is given) or HF generate, seeded by `seed`."""
+    torch.manual_seed(seed)
+    if llm is not None:
+        return generate_vllm(llm, tok, prompts, n, max_new, temperature, eos)
+    return generate_hf(model, tok, prompts, n, max_new, temperature, eos, batch_size)
+
+
+def rollout_logprobs(comps):
+    """The sampler's log-probs as a right-padded tensor (N, C), C = the longest completion."""
+    out = torch.zeros(len(comps), max(len(c["ids"]) for c in comps))
+    for i, c in enumerate(comps):
+        out[i, :len(c["logprobs"])] = torch.tensor(c["logprobs"])
     return out
 
 
@@ -596,22 +621,18 @@ def main(argv=None):
             f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= start)
 
     def generate(prompts, n, temperature, seed):
-        torch.manual_seed(seed)
-        if llm is not None:
-            return generate_vllm(llm, tok, prompts, n, a.max_new_tokens, temperature, eos)
-        return generate_hf(model, tok, prompts, n, a.max_new_tokens, temperature, eos)
+        return rollout(llm, model, tok, prompts, n, a.max_new_tokens, temperature, eos, seed)
 
     def evaluate(step):
         rows, sh = load_task(a.data, "test")
         test = prompt_ids(tok, rows[:a.eval_n], sh, a.max_prompt)
         t0 = time.time()
         comps = generate([p for _, p in test], 1, 0.0, a.seed)
-        strict = sum(reward(c["text"], r["gold"], c["finished"]) for (r, _), c in zip(test, comps)) / len(test)
-        flex = sum(same_number(extract_flexible(c["text"]), r["gold"]) for (r, _), c in zip(test, comps)) / len(test)
-        fmt = sum(extract_strict(c["text"]) is not None for c in comps) / len(test)
-        row = dict(kind="eval", step=step, n=len(test), strict=strict, flexible=flex, has_hash=fmt,
-                   finished=sum(c["finished"] for c in comps) / len(test), seconds=time.time() - t0)
-        print(f"eval @ step {step}: strict {strict:.1%}  flexible {flex:.1%}  '####' present {fmt:.1%}  ({row['seconds']:.0f}s)")
+        res = [score(c["text"], r["gold"], c["finished"], len(c["ids"])) for (r, _), c in zip(test, comps)]
+        row = dict(kind="eval", step=step, n=len(test), seconds=time.time() - t0,
+                   **{k: sum(x[k] for x in res) / len(res) for k in ("strict", "flexible", "has_hash", "finished")})
+        print(f"eval @ step {step}: strict {row['strict']:.1%}  flexible {row['flexible']:.1%}  "
+              f"'####' present {row['has_hash']:.1%}  ({row['seconds']:.0f}s)")
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         return row
@@ -640,10 +661,8 @@ def main(argv=None):
         r = torch.tensor([reward(c["text"], g, c["finished"]) for c, g in zip(comps, golds)])  # (B·G,)
         A = group_advantages(r, a.group_size)  # (B·G,)
         seqs = [(p, c["ids"]) for (_, p), c in zip([b for b in batch for _ in range(a.group_size)], comps)]
-        C = max(len(c) for _, c in seqs)
-        roll = torch.zeros(len(seqs), C)  # (B·G, C) the sampler's log-probs
-        for i, c in enumerate(comps):
-            roll[i, :len(c["logprobs"])] = torch.tensor(c["logprobs"])
+        roll = rollout_logprobs(comps)  # (B·G, C) the sampler's log-probs
+        C = roll.shape[1]
 
         # ---- loss and step: PPO-clip through the unmerged adapter, TIS against the sampler
         t1 = time.time()
