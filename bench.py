@@ -100,7 +100,7 @@ def apply_peft(model):
     return get_peft_model(model, cfg)
 
 
-def main(argv=None):
+def get_args(argv=None):
     ap = argparse.ArgumentParser(description="TinyLoRA vs PEFT, side by side")
     ap.add_argument("--size", default="smollm2", choices=sorted(SIZES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -113,38 +113,43 @@ def main(argv=None):
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--out", default="bench.jsonl")
     a = ap.parse_args(argv)
-    cuda = a.device == "cuda"
-    if cuda and not torch.cuda.is_available():
+    if a.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is visible")
-    dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
-    B, T = a.batch or (8 if cuda else 4), a.seq or (512 if cuda else 256)
+    return a
+
+
+def peft_version():
     try:
         import peft
-        peft_version = peft.__version__
         from peft import TinyLoraConfig  # noqa: F401
+        return peft.__version__
     except ImportError:
-        peft_version = None
-    run_peft = peft_version is not None and not a.no_peft
-    machine = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-    print(f"machine: {machine} | torch {torch.__version__} | peft {peft_version} | size {a.size} | {dtype} | batch {B}×{T}")
+        return None
 
-    res = dict(size=a.size, device=a.device, machine=machine, torch=torch.__version__, peft=peft_version,
-               dtype=str(dtype), batch=B, seq=T, svd=a.svd)
-    x = torch.randint(0, SIZES[a.size][1]["vocab_size"], (B, T), device=a.device)
 
-    # ---- one model instance for everything, so every ratio compares the same weights and memory layout
-    model = build(a.size, a.device, dtype)
+def measure_base(model, x, a, res):
+    """The base forward and the floor: fwd+bwd with one trainable scalar on the embeddings."""
     fwd, _ = step_fns(model, [], x)
     res["base_fwd_s"] = timed(fwd, a.device, a.iters, a.warmup)
-    params, hook = floor_scalar(model)  # the floor: one trainable scalar on the embeddings
+    params, hook = floor_scalar(model)
     _, fwd_bwd = step_fns(model, params, x)
-    if cuda:
+    if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     res["floor_step_s"] = timed(fwd_bwd, a.device, a.iters, a.warmup)
     res["floor_mem_gib"] = peak_mem(a.device)
     hook.remove()
 
-    # ---- ours
+
+def measure_steps(model, params, x, a, res, who):
+    fwd, fwd_bwd = step_fns(model, params, x)
+    res[f"{who}_fwd_s"] = timed(fwd, a.device, a.iters, a.warmup)
+    if a.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    res[f"{who}_step_s"] = timed(fwd_bwd, a.device, a.iters, a.warmup)
+    res[f"{who}_mem_gib"] = peak_mem(a.device)
+
+
+def measure_ours(model, x, a, dtype, res):
     sync(a.device)
     t = time.perf_counter()
     bank = tinylora.apply_tinylora(model, params=13, svd=a.svd)
@@ -152,12 +157,7 @@ def main(argv=None):
     res["ours_init_s"] = time.perf_counter() - t
     with torch.no_grad():
         bank.v.normal_(0, 0.01)
-    fwd, fwd_bwd = step_fns(model, [bank.v], x)
-    res["ours_fwd_s"] = timed(fwd, a.device, a.iters, a.warmup)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    res["ours_step_s"] = timed(fwd_bwd, a.device, a.iters, a.warmup)
-    res["ours_mem_gib"] = peak_mem(a.device)
+    measure_steps(model, [bank.v], x, a, res, "ours")
     res["ours_merged_s"] = timed(lambda: [w for _, w in bank.merged_weights(dtype)], a.device, a.iters, 1)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "a.safetensors")
@@ -170,43 +170,39 @@ def main(argv=None):
         res["ours_load_s"] = time.perf_counter() - t
     tinylora.remove_tinylora(model)
 
-    # ---- PEFT, on the same (restored) model
-    if run_peft:
+
+def measure_peft(model, x, a, res):
+    from peft import PeftModel
+    sync(a.device)
+    t = time.perf_counter()
+    pm = apply_peft(model)
+    sync(a.device)
+    res["peft_init_s"] = time.perf_counter() - t
+    trainable = [p for p in pm.parameters() if p.requires_grad]
+    res["peft_params"] = sum(p.numel() for p in trainable)
+    with torch.no_grad():
+        for p in trainable:
+            p.normal_(0, 0.01)
+    measure_steps(pm, trainable, x, a, res, "peft")
+
+    def merge_unmerge():
+        pm.merge_adapter()
+        pm.unmerge_adapter()
+    res["peft_merged_s"] = timed(merge_unmerge, a.device, a.iters, 1)
+    with tempfile.TemporaryDirectory() as d:
+        res["peft_save_s"] = timed(lambda: pm.save_pretrained(d), a.device, a.iters, 1)
+        res["peft_ckpt_bytes"] = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
+        base = pm.unload()  # the plain model again
+        fwd, _ = step_fns(base, [], x)  # the base forward once more, last: the first run of a process is slower
+        res["base_fwd_s"] = min(res["base_fwd_s"], timed(fwd, a.device, a.iters, a.warmup))
         sync(a.device)
         t = time.perf_counter()
-        pm = apply_peft(model)
+        PeftModel.from_pretrained(base, d)
         sync(a.device)
-        res["peft_init_s"] = time.perf_counter() - t
-        trainable = [p for p in pm.parameters() if p.requires_grad]
-        res["peft_params"] = sum(p.numel() for p in trainable)
-        with torch.no_grad():
-            for p in trainable:
-                p.normal_(0, 0.01)
-        fwd, fwd_bwd = step_fns(pm, trainable, x)
-        res["peft_fwd_s"] = timed(fwd, a.device, a.iters, a.warmup)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        res["peft_step_s"] = timed(fwd_bwd, a.device, a.iters, a.warmup)
-        res["peft_mem_gib"] = peak_mem(a.device)
+        res["peft_load_s"] = time.perf_counter() - t
 
-        def merge_unmerge():
-            pm.merge_adapter()
-            pm.unmerge_adapter()
-        res["peft_merged_s"] = timed(merge_unmerge, a.device, a.iters, 1)
-        with tempfile.TemporaryDirectory() as d:
-            res["peft_save_s"] = timed(lambda: pm.save_pretrained(d), a.device, a.iters, 1)
-            res["peft_ckpt_bytes"] = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
-            from peft import PeftModel
-            base = pm.unload()  # the plain model again
-            fwd, _ = step_fns(base, [], x)  # the base forward once more, last: the first run of a process is slower
-            res["base_fwd_s"] = min(res["base_fwd_s"], timed(fwd, a.device, a.iters, a.warmup))
-            sync(a.device)
-            t = time.perf_counter()
-            PeftModel.from_pretrained(base, d)
-            sync(a.device)
-            res["peft_load_s"] = time.perf_counter() - t
 
-    # ---- table
+def print_table(res):
     f = res["floor_step_s"]
     rows = [("init (SVD of every module), s", "ours_init_s", "peft_init_s", None),
             ("forward ÷ base forward", "ours_fwd_s", "peft_fwd_s", res["base_fwd_s"]),
@@ -216,16 +212,35 @@ def main(argv=None):
             ("checkpoint save, s", "ours_save_s", "peft_save_s", None),
             ("checkpoint load (rebuild), s", "ours_load_s", "peft_load_s", None),
             ("checkpoint size, bytes", "ours_ckpt_bytes", "peft_ckpt_bytes", None)]
-    print(f"\n| {a.size}, {machine} | this project | PEFT {peft_version or '(not installed)'} |\n| --- | --- | --- |")
+    print(f"\n| {res['size']}, {res['machine']} | this project | PEFT {res['peft'] or '(not installed)'} |\n| --- | --- | --- |")
     for label, ko, kp, div in rows:
         cell = lambda k: "-" if k not in res else (f"{res[k] / div:.2f}×" if div else (f"{res[k]:,}" if isinstance(res[k], int) else f"{res[k]:.4g}"))  # noqa: E731
         print(f"| {label} | {cell(ko)} | {cell(kp)} |")
     print(f"(floor fwd+bwd {f * 1e3:.1f} ms, base forward {res['base_fwd_s'] * 1e3:.1f} ms; trainable: ours 13, "
           f"PEFT {res.get('peft_params', '-')})")
+
+
+def main(argv=None):
+    a = get_args(argv)
+    cuda = a.device == "cuda"
+    dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
+    B, T = a.batch or (8 if cuda else 4), a.seq or (512 if cuda else 256)
+    machine = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    res = dict(size=a.size, device=a.device, machine=machine, torch=torch.__version__, peft=peft_version(),
+               dtype=str(dtype), batch=B, seq=T, svd=a.svd)
+    print(f"machine: {machine} | torch {torch.__version__} | peft {res['peft']} | size {a.size} | {dtype} | batch {B}×{T}")
+    x = torch.randint(0, SIZES[a.size][1]["vocab_size"], (B, T), device=a.device)
+    model = build(a.size, a.device, dtype)  # one instance for everything: every ratio compares the same weights
+    measure_base(model, x, a, res)
+    measure_ours(model, x, a, dtype, res)
+    if res["peft"] is not None and not a.no_peft:
+        measure_peft(model, x, a, res)  # on the same, restored model
+    print_table(res)
     with open(a.out, "a") as fh:
         fh.write(json.dumps(res) + "\n")
     return res
 
 
 if __name__ == "__main__":
-    tinylora.run_cli(main)
+    from engine import run_cli
+    run_cli(main)

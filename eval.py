@@ -6,8 +6,8 @@ GSM8K evaluation: the same model, prompt, greedy decoding and extractor, with an
         --data ../shared/data/gsm8k/test.jsonl --limit 200 --max-new-tokens 256
     python eval.py --model <smollm2> --data arith --adapter runs/cpu-demo/adapter.safetensors --compare --max-new-tokens 40
 
-Protocol (printed with every report): greedy, the chat template and prompt of train_grpo.py (imported, not
-copied), the full test split unless --limit. Strict accuracy = the training reward (the number after the
+Protocol (printed with every report): greedy, the chat template and prompt of task.py (the same module
+train_grpo.py uses), the full test split unless --limit. Strict accuracy = the training reward (the number after the
 last '####' equals the gold and the reply ended on its own); flexible = the last number in the reply.
 
 Chosen where the paper is silent:
@@ -25,8 +25,9 @@ import time
 
 import torch
 
+import engine
+import task
 import tinylora
-import train_grpo as G
 
 # -----------------------------------------------------------------------------
 # Metrics: pure functions
@@ -111,75 +112,65 @@ def get_args(argv=None):
     return a
 
 
-def main(argv=None):
-    a = get_args(argv)
-    dev, dtype, backend = G.resolve_runtime(a)
-    rows, shots = G.load_task(a.data, a.split)
-    rows = rows[:a.limit] if a.limit else rows
-    protocol = dict(decoding="greedy", prompt="chat template, one user turn: question + " + json.dumps(G.SUFFIX),
-                    shots=len(shots),
-                    strict="number after the last '####' == gold, reply ended with EOS",
-                    flexible="last number in the reply == gold", max_new_tokens=a.max_new_tokens)
-    print(f"protocol: {json.dumps(protocol)}\nbackend {backend}, device {dev}, dtype {dtype}")
+def run(gen, items, a, label):
+    """Greedy replies to every item and their verdicts: (per-problem results, summary)."""
+    from tqdm import tqdm
+    t0, comps = time.time(), []
+    for s in tqdm(range(0, len(items), a.batch_size), desc=label):
+        comps += gen.generate([p for _, p in items[s:s + a.batch_size]], 1, a.max_new_tokens, 0.0, a.seed)
+    res = [dict(question=r["question"], gold=r["gold"], reply=c["text"],
+                **task.score(c["text"], r["gold"], c["finished"], len(c["ids"]))) for (r, _), c in zip(items, comps)]
+    return res, dict(summarize(res), seconds=time.time() - t0)
 
-    # ---- model, adapter, prompts
-    model, tok = tinylora.load_model(a.model, dtype=dtype, device=dev)
-    eos = G.eos_ids(model, tok)
-    items = G.prompt_ids(tok, rows, shots, a.max_prompt)
-    if len(items) < len(rows):
-        print(f"note: {len(rows) - len(items)} prompts over {a.max_prompt} tokens skipped")
-    llm = None
-    if backend == "vllm":
-        folder = a.model
-        if a.model.endswith(".gguf"):
-            folder = G.export_hf_folder(model, tok, os.path.join(a.work_dir, os.path.basename(a.model)[:-5] + "-hf"))
-        llm = G.make_vllm(folder, str(dtype).replace("torch.", ""), a.max_prompt + a.max_new_tokens, a.seed,
-                          a.gpu_memory_utilization)
-    bank = tinylora.load_adapter(model, a.adapter) if a.adapter else None
-    if bank is not None:
-        print(bank.plan_text() + f" (from {a.adapter}, trained on {bank.config.get('base_model')})")
 
-    def run(label):
-        from tqdm import tqdm
-        if llm is not None and bank is not None:
-            G.sync_weights(llm, model, bank, dtype)
-        t0, out = time.time(), []
-        for s in tqdm(range(0, len(items), a.batch_size), desc=label):
-            prompts = [p for _, p in items[s:s + a.batch_size]]
-            out += G.rollout(llm, model, tok, prompts, 1, a.max_new_tokens, 0.0, eos, a.seed, a.batch_size)
-        res = [dict(question=r["question"], gold=r["gold"], reply=c["text"],
-                    **G.score(c["text"], r["gold"], c["finished"], len(c["ids"]))) for (r, _), c in zip(items, out)]
-        summ = dict(summarize(res), seconds=time.time() - t0)
-        return res, summ
-
-    # ---- evaluate: adapter (and base = v zeroed) on the same problems
-    report = dict(config=vars(a), protocol=protocol, backend=backend, device=dev, dtype=str(dtype), models={})
-    per = {}
-    if bank is None or a.compare:
-        if bank is not None:
-            v = bank.v.detach().clone()
-            with torch.no_grad():
-                bank.v.zero_()
-        per["base"], report["models"]["base"] = run("base")
-        if bank is not None:
-            with torch.no_grad():
-                bank.v.copy_(v)
-    if bank is not None:
-        per["adapter"], report["models"]["adapter"] = run("adapter")
-    if a.compare:
-        report["compare"] = {k: compare(per["base"], per["adapter"], k) for k in ("strict", "flexible")}
-    report["problems"] = per
-
-    # ---- print and save
-    print(f"\n{a.model} on {a.data} [{a.split}], {len(items)} problems, greedy, {a.max_new_tokens} new tokens")
+def print_report(report, a, n):
+    print(f"\n{a.model} on {a.data} [{a.split}], {n} problems, greedy, {a.max_new_tokens} new tokens")
     print(f"{'':8s} {'strict':>24s} {'flexible':>24s} {'####':>6s} {'trunc':>6s} {'tokens':>7s} {'time':>6s}")
+    cell = lambda x: f"{x['acc']:6.1%} [{x['ci95'][0]:5.1%}, {x['ci95'][1]:5.1%}]"  # noqa: E731
     for k, m in report["models"].items():
-        cell = lambda x: f"{x['acc']:6.1%} [{x['ci95'][0]:5.1%}, {x['ci95'][1]:5.1%}]"  # noqa: E731
         print(f"{k:8s} {cell(m['strict']):>24s} {cell(m['flexible']):>24s} {m['has_hash']:6.1%} "
               f"{m['truncated']:6.1%} {m['mean_tokens']:7.1f} {m['seconds']:5.0f}s")
     for k, c in report.get("compare", {}).items():
         print(f"{k}: adapter − base = {c['diff']:+.1%} ({c['adapter_only']} gained, {c['base_only']} lost), "
               f"McNemar p = {c['p_value']:.2g} -> {'significant' if c['significant'] else 'not significant'} at 5%")
+
+
+def main(argv=None):
+    a = get_args(argv)
+    dev, dtype, backend = engine.resolve_runtime(a.device, a.dtype, a.backend)
+    rows, shots = task.load_task(a.data, a.split)
+    rows = rows[:a.limit] if a.limit else rows
+    protocol = dict(decoding="greedy", prompt="chat template, one user turn: question + " + json.dumps(task.SUFFIX),
+                    shots=len(shots), strict="number after the last '####' == gold, reply ended with EOS",
+                    flexible="last number in the reply == gold", max_new_tokens=a.max_new_tokens)
+    print(f"protocol: {json.dumps(protocol)}\nbackend {backend}, device {dev}, dtype {dtype}")
+
+    # ---- model, adapter (v = 0 is the base, bit-identical), prompts, generator
+    model, tok = engine.load_model(a.model, dtype=dtype, device=dev)
+    items = task.prompt_ids(tok, rows, shots, a.max_prompt)
+    if len(items) < len(rows):
+        print(f"note: {len(rows) - len(items)} prompts over {a.max_prompt} tokens skipped")
+    bank = tinylora.load_adapter(model, a.adapter) if a.adapter else None
+    if bank is not None:
+        trained = bank.v.detach().clone()
+        print(bank.plan_text() + f" (from {a.adapter}, trained on {bank.config.get('base_model')})")
+    work = os.path.join(a.work_dir, os.path.basename(a.model)[:-5] + "-hf")
+    gen = engine.make_generator(backend, model, tok, bank, a.model, work, dtype, a.max_prompt + a.max_new_tokens,
+                                a.seed, a.gpu_memory_utilization)
+
+    # ---- evaluate: base (v = 0) and/or adapter, on the same problems
+    report = dict(config=vars(a), protocol=protocol, backend=backend, device=dev, dtype=str(dtype), models={},
+                  problems={})
+    for label in (["base"] if not a.adapter or a.compare else []) + (["adapter"] if a.adapter else []):
+        if bank is not None:
+            with torch.no_grad():
+                bank.v.copy_(trained if label == "adapter" else torch.zeros_like(trained))
+            gen.push(bank)
+        report["problems"][label], report["models"][label] = run(gen, items, a, label)
+    if a.compare:
+        report["compare"] = {k: compare(report["problems"]["base"], report["problems"]["adapter"], k)
+                             for k in ("strict", "flexible")}
+    print_report(report, a, len(items))
     out = a.out or (os.path.join(os.path.dirname(a.adapter), f"eval-{os.path.basename(a.data)}.json") if a.adapter else "eval.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
@@ -189,4 +180,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    tinylora.run_cli(main)
+    engine.run_cli(main)

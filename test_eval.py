@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import eval as E
+import task
 import tinylora
-import train_grpo as G
-from conftest import GSM8K_TEST, need_shared, tiny_model
+from conftest import GSM8K_TEST, need_shared, tiny_model, vllm_or_skip
 
 HERE = os.path.dirname(os.path.abspath(E.__file__))
 
@@ -39,7 +39,7 @@ def test_strict_flexible_split_on_a_table_of_replies():
         ("#### 7, so 8 in total", 7, True, True, False, False),
         ("I don't know", 7, True, False, False, True),
     ]
-    res = [G.score(r, g, f, 5) for r, g, f, *_ in table]
+    res = [task.score(r, g, f, 5) for r, g, f, *_ in table]
     assert [x["strict"] for x in res] == [t[3] for t in table]
     assert [x["flexible"] for x in res] == [t[4] for t in table]
     assert [x["unparseable"] for x in res] == [t[5] for t in table]
@@ -56,8 +56,10 @@ def run(*argv):
                           timeout=900)
 
 
+@pytest.mark.slow
 def test_both_backends_give_the_same_greedy_replies_and_the_adapter_is_applied(tiny_folder, smol_tok, tmp_path):
     data = need_shared(GSM8K_TEST)
+    vllm_or_skip()
     m = tiny_model("qwen2", tok=smol_tok, vocab=len(smol_tok))  # the same weights as tiny_folder
     bank = tinylora.apply_tinylora(m, params=7)
     with torch.no_grad():

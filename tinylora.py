@@ -1,64 +1,30 @@
 """
-TinyLoRA: train a handful of scalars on top of a frozen LLM.
+TinyLoRA (Morris et al., "Learning to Reason in 13 Parameters", arXiv 2602.04118, §4): for each adapted
+linear W (out×in) with frozen truncated SVD W ≈ U Σ Vᵀ of rank r, fixed random P₁…P_u (r×r) and a tiny
+trainable v ∈ ℝᵘ shared by a group of modules:  R = Σᵢ vᵢPᵢ,  ΔW = U Σ R Vᵀ,  y = x Wᵀ + (x V)(U Σ R)ᵀ.
 
-"Learning to Reason in 13 Parameters" (Morris et al., arXiv 2602.04118, §4). For every adapted linear
-layer W (out×in) with frozen truncated SVD W ≈ U Σ Vᵀ (rank r), fixed random P₁…P_u (r×r) and a tiny
-trainable v ∈ ℝᵘ,
+    python tinylora.py --model ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf --params 13
+    bank = apply_tinylora(model, params=13)   # freezes the model; bank.v is the only trainable tensor
 
-    R  = Σᵢ vᵢ Pᵢ                      (r, r)
-    ΔW = U Σ R Vᵀ                      (out, in)     never formed while training
-    y  = x Wᵀ + (x V)(U Σ R)ᵀ          = x (W + ΔW)ᵀ
-
-and one v is shared by n_tie modules ("weight tying"), so a whole model trains G·u scalars.
-
-Print the plan for a model (no weights are read):
-
-    python tinylora.py --model HuggingFaceTB/SmolLM2-135M-Instruct --params 13
-    python tinylora.py --model ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf --u 1 --n-tie 16
-
-Use it from Python:
-
-    model = load_model("Qwen/Qwen2.5-7B-Instruct")
-    tl = apply_tinylora(model, params=13)          # freezes the model; tl.v is the only trainable tensor
-    opt = torch.optim.AdamW([tl.v], lr=..., weight_decay=0.0)
-    ... train ...
-    save_adapter(tl, "adapter.safetensors")        # 52-byte tensor payload + JSON metadata
-    tl2 = load_adapter(fresh_model, "adapter.safetensors")
-
-Choices made where the paper is silent (and why):
- 1. Orientation ΔW = U Σ R Vᵀ (the paper's), used identically by forward and merge. The author's fork
-    forwards with Rᵀ but merges with R; PEFT uses U √Σ R √Σ Vᵀ. Learning rates do not transfer between them.
- 2. P: entries N(0, 1) divided by √u, drawn on the CPU from a generator seeded with
-    sha256(seed, module name) -- device-, process- and target-list-independent (PEFT's per-index seeds
-    and v0.19 hash bug gave identical or order-dependent P). The 1/√u is the author's R/√u folded into P,
-    so R's scale does not grow with u. No extra α: the update is exactly U Σ R Vᵀ, so |ΔW|/|W| ≈ |R|,
-    and with Adam the learning rate alone sets how fast v (hence R) moves.
- 3. v is fp32 and zero-initialised (PEFT's choice), so step 0 is bit-identical to the base model; the
-    gradient is still non-zero because it flows through P. The author used N(0, 1e-5²): no real difference.
- 4. SVD in fp32 whatever the model dtype, with canonical signs (Σⱼ uᵢⱼ³ > 0 for each column of U, V flipped
-    with it): R is not sign-invariant, so without this a saved v would rebuild a
-    different model on another machine or torch version. Default method "randomized" (torch.svd_lowrank,
-    q = r + 32, 20 power iterations), chosen from SmolLM2-135M's 210 matrices: top-2 singular values
-    within 1e-5 (relative) of torch.linalg.svd, singular vectors within 9e-3 -- closer than rounding W
-    to bf16 moves the exact ones (3.7e-2), because these spectra are flat (median σ₂/σ₃ = 1.04). With
-    q = r + 8 and 4 iterations (a common default) σ was off by 6% and vectors by 1.4. A full SVD of a
-    3584×18944 matrix costs ~0.9 s on an H100, so "exact" (still available) takes minutes on a 7B model.
- 5. Budgets: `params=N` picks the smallest u dividing N with N/u ≤ modules (the paper's rule: u as small
-    as possible, then tie), in N/u contiguous groups whose sizes differ by at most one. `u`, `n_tie`
-    give the paper's tiles of n_tie consecutive modules (last tile shorter): u=1, n_tie=16 on Qwen2.5-7B's
-    196 modules = 13. "structured" tying groups one module type over consecutive layers.
- 6. Merged weights W0 + ΔW are computed in fp32 from the untouched W0 and cast once; the base weights are
-    never merged in place and un-merged (no drift, no double application).
- 7. The checkpoint is v alone (+ JSON metadata inside the safetensors header): everything else is
-    rebuilt deterministically from the base model. A fingerprint (every module's σ₁) refuses another base.
+Choices made where the paper is silent (the measurements behind them: README, "Design measurements"):
+ 1. ΔW = U Σ R Vᵀ in forward and merge alike (the author's fork forwards with Rᵀ but merges with R; PEFT
+    uses U √Σ R √Σ Vᵀ). No extra α: with Adam the learning rate alone sets how fast R moves.
+ 2. P ~ N(0, 1)/√u from a CPU generator seeded by sha256(seed, module name): the same on every device.
+ 3. v is fp32 and zero-initialised: step 0 is bit-identical to the base; the gradient flows through P.
+ 4. SVD in fp32 with canonical signs (R is not sign-invariant); randomized by default (q = r + 32, 20
+    power iterations), because these spectra are flat and common settings miss σ by up to 6%.
+ 5. params=N: the smallest u dividing N with N/u ≤ modules, in N/u contiguous balanced groups; or u and
+    n_tie (the paper's tiles); "structured" ties one module type across consecutive layers.
+ 6. Merged weights W0 + ΔW are computed in fp32 from the untouched W0 and cast once, never in place.
+ 7. The adapter file is v + JSON metadata (safetensors); the base's fingerprint refuses another model.
 """
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
 import re
-import sys
 
 import torch
 import torch.nn as nn
@@ -67,23 +33,20 @@ FORMAT_VERSION = 1
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ORIENTATION = "dW = U diag(S) R V^T, R = sum_i v_i P_i"
 RANDOMIZED_OVERSAMPLE, RANDOMIZED_NITER = 32, 20
-
-# -----------------------------------------------------------------------------
-# Math: small pure functions named after the paper's symbols
+SIGMA_RTOL = 2e-3  # fingerprint tolerance: bf16 vs fp32 weights and SVD method move σ₁ by < 1e-4 (README)
 
 
+# ---- Math: small pure functions named after the paper's symbols ------------------------------------
 def canonical_signs(U, V):
-    """Flip each singular pair (uᵢ, vᵢ) so that Σⱼ uᵢⱼ³ > 0. U (m, r), V (n, r).
-
-    A smooth rule: "largest-|.| entry positive" flipped 1-4 of SmolLM2's 210 pairs between the exact and
-    the randomized SVD (two entries of near-equal size), the cube sum none."""
-    sign = torch.sign((U.double() ** 3).sum(dim=0)).to(U.dtype)  # (r,)
-    sign[sign == 0] = 1
+    """Flip each singular pair (uᵢ, vᵢ) so that Σⱼ uᵢⱼ³ > 0 (smooth, unlike "largest entry positive").
+    U (m, r), V (n, r)."""
+    sign = torch.where((U.double() ** 3).sum(dim=0) >= 0, 1.0, -1.0).to(U.dtype)  # (r,)
     return U * sign, V * sign
 
 
-def svd_factors(W, r, method="randomized", seed=0):
-    """Rank-r truncated SVD of W (out, in) in fp32 -> U (out, r), S (r,), V (in, r), canonical signs."""
+def svd_factors(W, r, method="randomized", seed=0, oversample=RANDOMIZED_OVERSAMPLE, niter=RANDOMIZED_NITER):
+    """Rank-r truncated SVD of W (out, in) in fp32 -> U (out, r), S (r,), V (in, r), canonical signs.
+    randomized: a sketch of q = r + oversample columns refined by niter power iterations."""
     W = W.detach().float()
     if r > min(W.shape):
         raise ValueError(f"rank r={r} exceeds min(W.shape)={min(W.shape)}")
@@ -91,11 +54,10 @@ def svd_factors(W, r, method="randomized", seed=0):
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         U, S, V = U[:, :r], S[:r], Vh[:r].T
     elif method == "randomized":
-        q = min(r + RANDOMIZED_OVERSAMPLE, min(W.shape))
-        devices = [W.device] if W.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # svd_lowrank draws from the global RNG
+        q = min(r + oversample, min(W.shape))
+        with torch.random.fork_rng(devices=[W.device] if W.device.type == "cuda" else []):  # global RNG
             torch.manual_seed(seed)
-            U, S, V = torch.svd_lowrank(W, q=q, niter=RANDOMIZED_NITER)
+            U, S, V = torch.svd_lowrank(W, q=q, niter=niter)
         U, S, V = U[:, :r], S[:r], V[:, :r]
     else:
         raise ValueError(f"unknown SVD method {method!r} (use 'exact' or 'randomized')")
@@ -125,15 +87,12 @@ def R(v, P):
     return torch.einsum("i,ijk->jk", v, P)
 
 
-def delta_W(U, S, R, V):
-    """ΔW = U Σ R Vᵀ (out, in) -- only for merging/export; training never forms it."""
-    return (U * S) @ R @ V.T
+def delta_W(U, S, Rm, V):
+    """ΔW = U Σ R Vᵀ (out, in), Rm = R(v, P) -- only for merging/export; training never forms it."""
+    return (U * S) @ Rm @ V.T
 
 
-# -----------------------------------------------------------------------------
-# Budgets and weight tying
-
-
+# ---- Budgets and weight tying ------------------------------------------------------------------
 def balanced_sizes(n, g):
     """Split n items into g contiguous groups whose sizes differ by at most one (larger ones first)."""
     return [n // g + (1 if i < n % g else 0) for i in range(g)]
@@ -152,21 +111,16 @@ def resolve_u(n_modules, r, params):
         if params % u == 0 and params // u <= n_modules:
             return u
     ok = feasible_budgets(n_modules, r)
-    below = [b for b in ok if b < params][-2:]
-    above = [b for b in ok if b > params][:2]
+    near = [b for b in ok if b < params][-2:] + [b for b in ok if b > params][:2]
     raise ValueError(f"no exact plan for params={params} on {n_modules} modules with r={r} "
-                     f"(max {n_modules * r * r}); nearest feasible budgets: {below + above}")
+                     f"(max {n_modules * r * r}); nearest feasible budgets: {near}")
 
 
 def plan_groups(names, types, r, params=None, u=None, n_tie=None, tie="tiled"):
-    """Assign each module (given in layer order) to a group; return (u, groups: list of name lists).
-
-    tiled      : groups are consecutive modules in layer order (q,k,v,o,gate,up,down, next layer ...).
-    structured : each group holds one module type over consecutive layers.
-    Give either params (exact total) or u and n_tie (tiles of n_tie modules, the last one shorter).
-    """
-    n = len(names)
-    if n == 0:
+    """(u, groups: lists of module names given in layer order). Either params (the exact total) or u and
+    n_tie (tiles of n_tie modules, the last one shorter). tiled: consecutive modules in layer order;
+    structured: one module type over consecutive layers."""
+    if not names:
         raise ValueError("no modules to adapt")
     if tie not in ("tiled", "structured"):
         raise ValueError(f"unknown tying {tie!r} (use 'tiled' or 'structured')")
@@ -174,17 +128,13 @@ def plan_groups(names, types, r, params=None, u=None, n_tie=None, tie="tiled"):
         raise ValueError("give either params, or u and n_tie")
     if params is None:
         u, n_tie = (1 if u is None else u), (1 if n_tie is None else n_tie)
-        if not 1 <= u <= r * r:
-            raise ValueError(f"u must be in [1, r²={r * r}], got {u}")
-        if n_tie < 1:
-            raise ValueError(f"n_tie must be >= 1, got {n_tie}")
+        if not 1 <= u <= r * r or n_tie < 1:
+            raise ValueError(f"need u in [1, r²={r * r}] and n_tie >= 1, got u={u}, n_tie={n_tie}")
     else:
-        u = resolve_u(n, r, params)
-    if tie == "tiled":
-        seqs = [list(names)]
-    else:  # one sequence per module type, in order of first appearance
-        order = list(dict.fromkeys(types))
-        seqs = [[nm for nm, t in zip(names, types) if t == ty] for ty in order]
+        u = resolve_u(len(names), r, params)
+    # tiled: one sequence in layer order; structured: one per module type, in order of first appearance
+    seqs = [list(names)] if tie == "tiled" else [[n for n, t in zip(names, types) if t == ty]
+                                                 for ty in dict.fromkeys(types)]
     if params is None:
         sizes = [[min(n_tie, len(s) - i) for i in range(0, len(s), n_tie)] for s in seqs]
     else:
@@ -196,13 +146,7 @@ def plan_groups(names, types, r, params=None, u=None, n_tie=None, tie="tiled"):
         if any(g > len(s) for g, s in zip(per_seq, seqs)):
             raise ValueError(f"params={params} gives more groups than modules of one type")
         sizes = [balanced_sizes(len(s), g) for s, g in zip(seqs, per_seq)]
-    groups = []
-    for s, sz in zip(seqs, sizes):
-        i = 0
-        for k in sz:
-            groups.append(s[i:i + k])
-            i += k
-    return u, groups
+    return u, [s[end - k:end] for s, sz in zip(seqs, sizes) for k, end in zip(sz, itertools.accumulate(sz))]
 
 
 def make_plan(names, types, r, params=None, u=None, n_tie=None, tie="tiled", lora_xs=False):
@@ -211,15 +155,21 @@ def make_plan(names, types, r, params=None, u=None, n_tie=None, tie="tiled", lor
         return plan_groups(names, types, r, params=params, u=u, n_tie=n_tie, tie=tie)
     if u not in (None, r * r) or (params is not None and params % (r * r)):
         raise ValueError(f"LoRA-XS fixes u = r² = {r * r}; params must be a multiple of it (got params={params}, u={u})")
-    if params is not None:  # G = params / r² balanced groups: the u=1 planner on G
-        return r * r, plan_groups(names, types, r, params=params // (r * r), tie=tie)[1]
-    return r * r, plan_groups(names, types, r, u=1, n_tie=n_tie or 1, tie=tie)[1]
+    plan = dict(params=params // (r * r)) if params is not None else dict(u=1, n_tie=n_tie or 1)
+    return r * r, plan_groups(names, types, r, tie=tie, **plan)[1]  # G groups of u = r²: the u=1 planner
+
+
+def plan_text(n_modules, targets, r, u, groups, tie, lora_xs=False):
+    """One line that says what a plan trains and what it costs."""
+    n, sizes = len(groups) * u, [len(g) for g in groups]
+    return (f"{n_modules} modules ({', '.join(targets)}), r={r}, u={u}, {len(groups)} {tie} groups of "
+            f"{min(sizes)}-{max(sizes)} modules -> {n} trainable parameters = {4 * n} bytes fp32 / "
+            f"{2 * n} bytes bf16{' (LoRA-XS)' if lora_xs else ''}")
 
 
 def find_targets(model, targets=DEFAULT_TARGETS):
-    """(name, module, type) of every nn.Linear whose last name part is a target, in named_modules order.
-
-    type = the name with the layer index removed (e.g. 'self_attn.q_proj'), used by structured tying."""
+    """(name, module, type) of every nn.Linear whose last name part is a target, in named_modules order;
+    type = the name without its layer index (e.g. 'self_attn.q_proj'), used by structured tying."""
     found, seen = [], set()
     for name, mod in model.named_modules():
         last = name.rsplit(".", 1)[-1]
@@ -233,10 +183,7 @@ def find_targets(model, targets=DEFAULT_TARGETS):
     return found
 
 
-# -----------------------------------------------------------------------------
-# The layer and the bank of shared v
-
-
+# ---- The layer and the bank of shared v ----------------------------------------------------------
 class TinyLoRALinear(nn.Module):
     """base(x) + (x V)(U Σ R)ᵀ. The base nn.Linear is untouched; U, S, V, P are frozen buffers; v is read
     from the shared bank (not registered here, so it is counted and saved once)."""
@@ -255,18 +202,13 @@ class TinyLoRALinear(nn.Module):
         return R(self.bank.v[self.group], self.P)  # (r, r), fp32
 
     def forward(self, x):  # x (..., in)
-        B = (self.U * self.S) @ self.R()  # (out, r) = U Σ R, fp32
-        h = x @ self.V.to(x.dtype)  # (..., r)
-        y = self.base(x)  # (..., out)
-        # y + h Bᵀ as one GEMM with beta=1: no separate (..., out) tensor for the update and no extra add pass
-        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.T.to(x.dtype)).view_as(y)
-
-    def extra_repr(self):
-        return f"r={self.S.numel()}, u={self.P.shape[0]}, group={self.group}"
+        B = ((self.U * self.S) @ self.R()).to(x.dtype)  # (out, r) = U Σ R, computed in fp32
+        return self.base(x) + (x @ self.V.to(x.dtype)) @ B.T  # x Wᵀ + b + (x V)(U Σ R)ᵀ, (..., out)
 
 
-class TinyLoRA(nn.Module):
-    """The trainable state of the whole model: v (G, u), one row per tying group. Holds the plan too."""
+class Bank(nn.Module):
+    """The bank of shared v: the whole model's trainable state v (G, u), one row per tying group, and the
+    plan (groups, config) and adapted layers that read it."""
 
     def __init__(self, groups, u, config):
         super().__init__()
@@ -276,9 +218,6 @@ class TinyLoRA(nn.Module):
 
     def num_params(self):
         return self.v.numel()
-
-    def group_map(self):
-        return {name: g for g, names in enumerate(self.groups) for name in names}
 
     @torch.no_grad()
     def delta(self, name):
@@ -294,12 +233,9 @@ class TinyLoRA(nn.Module):
             yield f"{name}.weight", (W0.float() + self.delta(name)).to(dtype or W0.dtype)
 
     def plan_text(self):
-        c, n = self.config, self.num_params()
-        sizes = [len(g) for g in self.groups]
-        return (f"TinyLoRA plan: {len(self.layers)} modules ({', '.join(c['targets'])}), r={c['r']}, "
-                f"u={c['u']}, {len(self.groups)} {c['tie']} groups of {min(sizes)}-{max(sizes)} modules "
-                f"-> {n} trainable parameters = {4 * n} bytes fp32 / {2 * n} bytes bf16"
-                f"{' (LoRA-XS)' if c['lora_xs'] else ''}")
+        c = self.config
+        return "TinyLoRA plan: " + plan_text(len(self.layers), c["targets"], c["r"], c["u"], self.groups, c["tie"],
+                                             c["lora_xs"])
 
 
 def apply_tinylora(model, params=None, u=None, n_tie=None, r=2, tie="tiled", targets=DEFAULT_TARGETS,
@@ -317,41 +253,41 @@ def apply_tinylora(model, params=None, u=None, n_tie=None, r=2, tie="tiled", tar
                   targets=list(targets), seed=seed, svd=svd, lora_xs=lora_xs, orientation=ORIENTATION,
                   P="standard basis" if lora_xs else "N(0,1)/sqrt(u), CPU generator seeded by sha256(seed, name)")
     model.requires_grad_(False)
-    first_param = next(model.parameters())
-    bank = TinyLoRA(groups, u, config).to(first_param.device)
-    gmap = bank.group_map()
+    bank = Bank(groups, u, config).to(next(model.parameters()).device)
+    gmap = {name: g for g, names in enumerate(groups) for name in names}
     for name, mod, _ in found:
         U, S, V = svd_factors(mod.weight, r, svd, seed)
         P = P_standard(r) if lora_xs else P_random(u, r, seed, name)
         layer = TinyLoRALinear(mod, U, S, V, P.to(mod.weight.device), bank, gmap[name])
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
-        bank.layers[name] = layer
+        bank.layers[name] = replace_module(model, name, layer)
     bank.config["fingerprint"] = fingerprint(bank)
     if verbose:
         print(bank.plan_text())
     return bank
 
 
+def replace_module(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+    return module
+
+
 def remove_tinylora(model):
     """Put the original nn.Linear modules back (their weights were never changed)."""
     for name, mod in list(model.named_modules()):
         if isinstance(mod, TinyLoRALinear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, mod.base)
+            replace_module(model, name, mod.base)
     return model
 
 
-def count_trainable(model, *extra):
-    """Number of distinct trainable scalars in the model (and any extra modules, e.g. the bank)."""
-    params = {id(p): p for m in (model, *extra) for p in m.parameters() if p.requires_grad}
-    return sum(p.numel() for p in params.values())
+def reattach(model, bank):
+    """Put the bank's adapted layers back after remove_tinylora (e.g. around save_pretrained of W0)."""
+    for name, layer in bank.layers.items():
+        replace_module(model, name, layer)
+    return model
 
 
-# -----------------------------------------------------------------------------
-# Tiny checkpoint: v (fp32 or bf16) + JSON metadata in the safetensors header. Never pickled.
-
-
+# ---- The adapter file: v (fp32 or bf16) + JSON metadata in the safetensors header, never pickled --
 def fingerprint(bank):
     """Identifies the base weights: names, shapes and σ₁ of every adapted module (robust to dtype/SVD)."""
     names = list(bank.layers)
@@ -360,33 +296,43 @@ def fingerprint(bank):
     return dict(arch=arch, sigma1=[float(f"{bank.layers[n].S[0].item():.6g}") for n in names])
 
 
-SIGMA_RTOL = 2e-3  # bf16 vs fp32 weights and randomized vs exact SVD move σ₁ by <1e-4 (see README)
-
-
-def save_adapter(bank, path, dtype=torch.float32, base_model=None):
-    """Write v and everything needed to rebuild the adapter. Atomic: a crash never leaves half a file."""
+def save_safetensors(tensors, path, key, meta):
+    """tensors + JSON metadata under `key`, written to a temp file and renamed: never half a file."""
     from safetensors.torch import save_file
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"adapter dtype must be float32 or bfloat16, got {dtype}")
-    meta = dict(bank.config, base_model=base_model or bank.config.get("base_model"),
-                v_dtype=str(dtype).replace("torch.", ""))
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file({"v": bank.v.detach().to("cpu", dtype).contiguous()}, tmp, metadata={"tinylora": json.dumps(meta)})
+    save_file(tensors, tmp, metadata={key: json.dumps(meta)})
     os.replace(tmp, path)
     return path
 
 
-def read_adapter(path):
-    """(v fp32 (G, u), metadata dict) from an adapter file; a clear ValueError for anything malformed."""
+def read_safetensors(path, key, what):
+    """(tensors, metadata[key]) from a file save_safetensors wrote; one ValueError for anything malformed."""
     from safetensors import safe_open
     if not os.path.isfile(path):
-        raise ValueError(f"adapter file not found: {path}")
+        raise ValueError(f"{what} file not found: {path}")
     try:
         with safe_open(path, framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["tinylora"])
-            v = f.get_tensor("v").float()
+            meta = json.loads((f.metadata() or {})[key])
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
     except Exception as e:  # safetensors raises its own types for truncation/corruption
-        raise ValueError(f"{path} is not a readable TinyLoRA adapter ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path} is not a readable TinyLoRA {what} ({type(e).__name__}: {e})") from None
+
+
+def save_adapter(bank, path, dtype=torch.float32, base_model=None):
+    """Write v and everything needed to rebuild the adapter (atomically)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"adapter dtype must be float32 or bfloat16, got {dtype}")
+    meta = dict(bank.config, base_model=base_model or bank.config.get("base_model"),
+                v_dtype=str(dtype).replace("torch.", ""))
+    return save_safetensors({"v": bank.v.detach().to("cpu", dtype).contiguous()}, path, "tinylora", meta)
+
+
+def read_adapter(path):
+    """(v fp32 (G, u), metadata dict) from an adapter file; a clear ValueError for anything malformed."""
+    tensors, meta = read_safetensors(path, "tinylora", "adapter")
+    if "v" not in tensors or not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a readable TinyLoRA adapter (no v)")
+    v = tensors["v"].float()
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: adapter format version {meta.get('format_version')} is not supported "
                          f"(this tinylora.py reads version {FORMAT_VERSION})")
@@ -408,14 +354,10 @@ def check_fingerprint(expected, got, path=""):
 
 def load_adapter(model, path):
     """Apply TinyLoRA to `model` exactly as recorded in `path`, check the base fingerprint, load v."""
-    v, meta = read_adapter(path)
-    c = meta
-    kw = dict(r=c["r"], tie=c["tie"], targets=c["targets"], seed=c["seed"], svd=c["svd"], lora_xs=c["lora_xs"])
-    if c["n_tie"] is not None:
-        kw.update(u=None if c["lora_xs"] else c["u"], n_tie=c["n_tie"])
-    else:
-        kw.update(params=c["params"])
-    bank = apply_tinylora(model, **kw)
+    v, c = read_adapter(path)
+    plan = dict(params=c["params"]) if c["n_tie"] is None else dict(u=None if c["lora_xs"] else c["u"], n_tie=c["n_tie"])
+    bank = apply_tinylora(model, r=c["r"], tie=c["tie"], targets=c["targets"], seed=c["seed"], svd=c["svd"],
+                          lora_xs=c["lora_xs"], **plan)
     try:
         check_fingerprint(c["fingerprint"], bank.config["fingerprint"], path)
         if tuple(v.shape) != tuple(bank.v.shape):
@@ -429,51 +371,11 @@ def load_adapter(model, path):
     return bank
 
 
-# -----------------------------------------------------------------------------
-# Loading a model from a hub id, a local folder or a .gguf file
-
-
-def split_gguf(spec):
-    """'dir/x.gguf' -> ('dir', 'x.gguf'); anything else -> (spec, None)."""
-    if spec.endswith(".gguf"):
-        if not os.path.isfile(spec):
-            raise ValueError(f"GGUF file not found: {spec}")
-        return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
-    return spec, None
-
-
-def load_model(spec, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer) from a hub id, a local folder, or a .gguf file (dequantized by transformers)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    path, gguf = split_gguf(spec)
-    kw = dict(gguf_file=gguf) if gguf else {}
-    try:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device)
-    except OSError as e:  # missing folder, unknown hub id, no network: one line, not a traceback
-        raise ValueError(f"cannot load model {spec!r}: {str(e).strip().splitlines()[0]}") from None
-    if gguf:  # the GGUF quantizer marks the model unserializable; the weights are plain floats now
-        model.config.__dict__.pop("quantization_config", None)
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = None
-        model.is_quantized = False
-    model.eval()
-    return model, tok
-
-
-def run_cli(main):
-    """Run a script's main(): a ValueError (any bad input) becomes one line on stderr and exit code 2."""
-    try:
-        main()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
+# ---- Command line: print the plan for a model without reading its weights ------------------------
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Print the TinyLoRA plan for a model (reads no weights).")
     ap.add_argument("--model", required=True, help="hub id, local folder or .gguf file")
-    ap.add_argument("--params", type=int, default=None, help="exact number of trainable scalars")
+    ap.add_argument("--params", type=int, default=13, help="exact number of trainable scalars")
     ap.add_argument("--u", type=int, default=None, help="scalars per group (with --n-tie)")
     ap.add_argument("--n-tie", type=int, default=None, help="modules per tile (with --u)")
     ap.add_argument("--r", type=int, default=2, help="frozen SVD rank")
@@ -481,26 +383,18 @@ def main(argv=None):
     ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS))
     ap.add_argument("--lora-xs", action="store_true", help="u = r², P = standard basis")
     ap.add_argument("--map", action="store_true", help="also print the module -> group map")
-    a = ap.parse_args(argv)
-    if a.params is None and a.u is None and a.n_tie is None:
-        a.params = 13
-    from transformers import AutoConfig, AutoModelForCausalLM
-    path, gguf = split_gguf(a.model)
-    cfg = AutoConfig.from_pretrained(path, **(dict(gguf_file=gguf) if gguf else {}))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    found = find_targets(model, tuple(a.targets.split(",")))
-    u, groups = make_plan([f[0] for f in found], [f[2] for f in found], a.r, a.params, a.u, a.n_tie, a.tie, a.lora_xs)
-    names, r = [f[0] for f in found], a.r
-    n = len(groups) * u
-    sizes = [len(g) for g in groups]
-    print(f"{a.model}: {len(names)} modules ({', '.join(a.targets.split(','))}), r={r}, u={u}, "
-          f"{len(groups)} {a.tie} groups of {min(sizes)}-{max(sizes)} modules -> {n} trainable parameters "
-          f"= {4 * n} bytes fp32 / {2 * n} bytes bf16")
-    if a.map:
+    args = ap.parse_args(argv)
+    from engine import meta_model
+    found, targets = find_targets(meta_model(args.model), tuple(args.targets.split(","))), args.targets.split(",")
+    params = None if args.u is not None or args.n_tie is not None else args.params  # --u/--n-tie replace it
+    u, groups = make_plan([f[0] for f in found], [f[2] for f in found], args.r, params, args.u, args.n_tie,
+                          args.tie, args.lora_xs)
+    print(f"{args.model}: " + plan_text(len(found), targets, args.r, u, groups, args.tie, args.lora_xs))
+    if args.map:
         for g, grp in enumerate(groups):
             print(f"  group {g:3d} ({len(grp)}): {grp[0]} ... {grp[-1]}")
 
 
 if __name__ == "__main__":
+    from engine import run_cli
     run_cli(main)

