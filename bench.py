@@ -3,6 +3,7 @@ Benchmark: this project's TinyLoRA against PEFT's TinyLoraConfig, measured side 
 
     python bench.py --size smollm2 --device cpu            # this machine (2 cores)
     python bench.py --size 7b --device cuda --dtype bfloat16   # a GPU (random weights, built from a config)
+    python bench.py --sync-cost MODEL                     # vLLM push: merged weights vs the exact LoRA
 
 Builds the model from a config (no download, random weights), then measures, in the same process:
 init time (SVD of every adapted module), forward and fwd+bwd step time as ratios to the same network
@@ -22,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
@@ -220,7 +222,35 @@ def print_table(res):
           f"PEFT {res.get('peft_params', '-')})")
 
 
+def sync_bench(spec, prompts=8, n=8, max_new=40, reps=3):
+    """vLLM push routes side by side on one model: merged weights vs the exact LoRA. Per route: push time,
+    rollout time (prompts × n samples, max_new tokens) and the share of ΔW that arrives in bf16."""
+    import engine
+    import task
+    model, tok = engine.load_model(spec)
+    bank = tinylora.apply_tinylora(model, params=13)
+    with torch.no_grad():
+        bank.v.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    ids = [p for _, p in task.prompt_ids(tok, task.arith_rows("test")[:prompts], task.ARITH_SHOTS, 512)]
+    res = dict(model=spec, prompts=prompts, n=n, max_new=max_new, kept_bf16=engine.delta_kept(bank, torch.bfloat16))
+    with tempfile.TemporaryDirectory() as d:
+        for sync in ("merged", "lora"):
+            gen = engine.make_generator("vllm", model, tok, bank, spec, os.path.join(d, sync), torch.float32,
+                                        1024, 0, 0.4, sync)
+            res[f"{sync}_push_s"] = timed(lambda: gen.push(bank), "cpu", reps, 1)
+            res[f"{sync}_rollout_s"] = timed(lambda: gen.generate(ids, n, max_new, 1.0, 0), "cpu", reps, 1)
+            del gen
+    print(f"| vLLM push, {prompts}×{n} samples × {max_new} tokens | merged W0+ΔW | exact LoRA | LoRA ÷ merged |")
+    print("| --- | --- | --- | --- |")
+    for k in ("push_s", "rollout_s"):
+        print(f"| {k[:-2]}, s | {res['merged_' + k]:.3f} | {res['lora_' + k]:.3f} | {res['lora_' + k] / res['merged_' + k]:.2f}× |")
+    print(f"share of ΔW a bf16 merge would carry at this v: {res['kept_bf16']:.1%} (the LoRA carries all of it)")
+    return res
+
+
 def main(argv=None):
+    if argv is None and sys.argv[1:2] == ["--sync-cost"]:  # python bench.py --sync-cost MODEL
+        return sync_bench(sys.argv[2])
     a = get_args(argv)
     cuda = a.device == "cuda"
     dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))

@@ -40,6 +40,7 @@ def need_shared(path):
 
 
 def vllm_or_skip():
+    import engine
     engine.vllm_env()
     try:
         import vllm  # noqa: F401

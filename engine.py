@@ -15,6 +15,7 @@ Chosen where the paper is silent:
  4. A checkpoint is v, the Adam moments and the step, in one safetensors file written atomically: data
     order and sampling are seeded per epoch/step, so that is all an exact resume needs.
 """
+import argparse
 import glob
 import json
 import os
@@ -35,6 +36,12 @@ def split_gguf(spec):
             raise ValueError(f"model file not found: {spec}")
         return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
     return spec, None
+
+
+def check_model(spec):
+    """Fail at once on a model path that does not exist (hub ids never start with '/', '.' or '~')."""
+    if spec.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(spec)):
+        raise ValueError(f"cannot load model {spec!r}: no such file or folder")
 
 
 def load_model(spec, dtype=torch.float32, device="cpu"):
@@ -105,8 +112,8 @@ def export_hf_folder(model, tok, bank, out):
             model.save_pretrained(out)
             tok.save_pretrained(out)
         finally:
-            if bank is not None:
-                tinylora.reattach(model, bank)
+            for name, layer in (bank.layers if bank is not None else {}).items():
+                tinylora.replace_module(model, name, layer)
     return out
 
 
@@ -175,19 +182,22 @@ def vllm_env():
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # layerwise reload warns per un-pushed module
 
 
-def make_vllm(folder, dtype, max_model_len, seed, gpu_memory_utilization=0.4):
+def make_vllm(folder, dtype, max_model_len, seed, gpu_memory_utilization=0.4, lora_rank=None):
+    """An in-process engine; lora_rank: enable one LoRA slot of at least that rank (for sync='lora')."""
     vllm_env()
     from vllm import LLM
+    lora = {} if lora_rank is None else dict(enable_lora=True, max_loras=1, max_lora_rank=min(
+        k for k in (1, 8, 16, 32, 64, 128, 256, 320, 512) if k >= lora_rank))  # the ranks vLLM 0.32 accepts
     return LLM(model=folder, dtype=dtype, seed=seed, max_model_len=max_model_len, enforce_eager=True,
-               logprobs_mode="processed_logprobs", gpu_memory_utilization=gpu_memory_utilization)
+               logprobs_mode="processed_logprobs", gpu_memory_utilization=gpu_memory_utilization, **lora)
 
 
-def generate_vllm(llm, tok, prompts, n, max_new, temperature, eos):
-    """vLLM on the weights last pushed; seed torch before the call (see choice 3)."""
+def generate_vllm(llm, tok, prompts, n, max_new, temperature, eos, lora=None):
+    """vLLM on the weights last pushed (and the LoRA request `lora`); seed torch before the call (choice 3)."""
     from vllm import SamplingParams
     sp = SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new, logprobs=0,
                         stop_token_ids=eos, skip_special_tokens=True)
-    res = llm.generate([dict(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
+    res = llm.generate([dict(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False, lora_request=lora)
     out = []
     for r in res:
         for o in r.outputs:
@@ -216,34 +226,52 @@ def sync_weights(llm, model, bank, dtype=None):
     return len(weights)
 
 
+def push_lora(llm, bank, folder):
+    """Give vLLM ΔW as the exact rank-r LoRA (B = U Σ R, A = Vᵀ) instead of merged weights: in bf16 a small
+    ΔW survives, where W0 + ΔW would round back to W0. Loaded once here (load_inplace replaces the slot);
+    generation then names the same id without reloading. Returns the request to generate with."""
+    from vllm.lora.request import LoRARequest
+    write_lora(bank, folder)
+    llm.llm_engine.add_lora(LoRARequest("tinylora", 1, folder, load_inplace=True))
+    llm.reset_prefix_cache()  # cached KV was computed under the previous adapter
+    return LoRARequest("tinylora", 1, folder)
+
+
 class Generator:
     """Rollouts on the current policy W0 + ΔW: HF generate on the live adapted model, or an in-process
-    vLLM engine (llm) on the merged weights last pushed. Two methods: generate and push."""
+    vLLM engine (llm) given W0 + ΔW as merged weights or, with lora_dir, as a LoRA. Methods: generate, push."""
 
-    def __init__(self, model, tok, eos, llm=None, dtype=None, batch_size=64):
+    def __init__(self, model, tok, eos, llm=None, dtype=None, batch_size=64, lora_dir=None):
         self.model, self.tok, self.eos, self.llm, self.dtype, self.batch_size = model, tok, eos, llm, dtype, batch_size
+        self.lora_dir, self.lora = lora_dir, None
 
     def generate(self, prompts, n, max_new, temperature, seed):
         """n completions per prompt (temperature 0 = greedy), reproducible from `seed`."""
         torch.manual_seed(seed)
         if self.llm is not None:
-            return generate_vllm(self.llm, self.tok, prompts, n, max_new, temperature, self.eos)
+            return generate_vllm(self.llm, self.tok, prompts, n, max_new, temperature, self.eos, self.lora)
         return generate_hf(self.model, self.tok, prompts, n, max_new, temperature, self.eos, self.batch_size)
 
     def push(self, bank):
         """Give the generator W0 + ΔW (HF generates on the live model: nothing to do)."""
-        if self.llm is not None:
+        if self.llm is not None and self.lora_dir is not None:
+            self.lora = push_lora(self.llm, bank, self.lora_dir)
+        elif self.llm is not None:
             sync_weights(self.llm, self.model, bank, self.dtype)
 
 
-def make_generator(backend, model, tok, bank, spec, out_dir, dtype, max_model_len, seed, gpu_memory_utilization):
-    """The generator for `backend`; vLLM loads W0 from disk (a .gguf model is exported to out_dir first)."""
-    eos = eos_ids(model, tok)
-    llm = None
-    if backend == "vllm":
-        folder = export_hf_folder(model, tok, bank, out_dir) if spec.endswith(".gguf") else spec
-        llm = make_vllm(folder, str(dtype).replace("torch.", ""), max_model_len, seed, gpu_memory_utilization)
-    return Generator(model, tok, eos, llm, dtype)
+def make_generator(backend, model, tok, bank, spec, work_dir, dtype, max_model_len, seed, gpu_memory_utilization,
+                   sync="merged"):
+    """The generator for `backend`; vLLM loads W0 from disk (a .gguf model is exported under work_dir first)
+    and receives ΔW by `sync`: 'merged' weights or a 'lora' written under work_dir each push."""
+    if sync not in ("merged", "lora"):
+        raise ValueError(f"unknown sync {sync!r} (use 'merged' or 'lora')")
+    if backend != "vllm":
+        return Generator(model, tok, eos_ids(model, tok))
+    folder = export_hf_folder(model, tok, bank, os.path.join(work_dir, "hf_model")) if spec.endswith(".gguf") else spec
+    rank = bank.config["r"] if sync == "lora" and bank is not None else None
+    llm = make_vllm(folder, str(dtype).replace("torch.", ""), max_model_len, seed, gpu_memory_utilization, rank)
+    return Generator(model, tok, eos_ids(model, tok), llm, dtype, lora_dir=os.path.join(work_dir, "lora_push") if rank else None)
 
 
 def completion_mask(lengths, C):
@@ -257,6 +285,80 @@ def padded_logprobs(comps):
     for i, c in enumerate(comps):
         out[i, :len(c["logprobs"])] = torch.tensor(c["logprobs"])
     return out
+
+
+# -----------------------------------------------------------------------------
+# Exports: a merged HF folder, a standard LoRA folder (`python tinylora.py merge | export-lora`)
+
+
+def write_merged(model, tok, bank, out, dtype):
+    """A plain HF model folder whose adapted weights are W0 + ΔW: fp32 math from the pristine W0, one module
+    at a time, cast once to dtype. The model is consumed: its adapter is removed and its weights replaced."""
+    with torch.no_grad():
+        for name, W in bank.merged_weights(torch.float32):  # each reads its own, still pristine W0
+            bank.layers[name.rsplit(".", 1)[0]].base.weight.data = W.to(dtype)
+    tinylora.remove_tinylora(model).to(dtype).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_lora(bank, out, base_model=None):
+    """ΔW as a standard PEFT LoRA folder (PEFT and vLLM read it): lora_A = Vᵀ, lora_B = U Σ R, alpha = r so
+    the scale alpha/r is 1 and B A = ΔW exactly; fp32 tensors."""
+    from safetensors.torch import save_file
+    os.makedirs(out, exist_ok=True)
+    tensors = {}
+    for name in bank.layers:
+        A, B = bank.lora_AB(name)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.cpu()
+    save_file(tensors, os.path.join(out, "adapter_model.safetensors.tmp"))
+    os.replace(os.path.join(out, "adapter_model.safetensors.tmp"), os.path.join(out, "adapter_model.safetensors"))
+    r = bank.config["r"]
+    cfg = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model or bank.config.get("base_model"),
+               r=r, lora_alpha=r, target_modules=list(bank.config["targets"]), lora_dropout=0.0, bias="none",
+               fan_in_fan_out=False, use_rslora=False, use_dora=False, inference_mode=True)
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    return out
+
+
+def delta_kept(bank, dtype, every=1):
+    """The share of ΔW that merged weights in `dtype` carry, measured along ΔW over every `every`-th module:
+    ⟨cast(W0 + ΔW) − cast(W0), ΔW⟩ / ‖ΔW‖². On a bf16 checkpoint (W0 on the bf16 grid) every entry of ΔW
+    under half a rounding step of W0 is lost; 1.0 = all of it arrives."""
+    kept = total = 0.0
+    for name in list(bank.layers)[::every]:
+        W0, dW = bank.layers[name].base.weight.float(), bank.delta(name)
+        kept += (((W0 + dW).to(dtype).float() - W0.to(dtype).float()) * dW).sum().item()
+        total += dW.square().sum().item()
+    return kept / total if total else 1.0
+
+
+def export_main(cmd, argv):
+    """`python tinylora.py merge | export-lora --model M --adapter A --out DIR`."""
+    ap = argparse.ArgumentParser(prog=f"tinylora.py {cmd}", description="A merged HF model folder (W0 + ΔW)"
+                                 if cmd == "merge" else "The adapter as a standard LoRA folder (exact: B A = ΔW)")
+    ap.add_argument("--model", required=True, help="the base: hub id, local folder or .gguf file")
+    ap.add_argument("--adapter", required=True, help="a TinyLoRA adapter (.safetensors)")
+    ap.add_argument("--out", required=True, help="a new or empty folder")
+    if cmd == "merge":
+        ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    a = ap.parse_args(argv)
+    tinylora.read_adapter(a.adapter)  # a bad adapter fails before the model loads
+    if os.path.isdir(a.out) and os.listdir(a.out) or os.path.isfile(a.out):
+        raise ValueError(f"--out {a.out} exists and is not empty: choose a new folder")
+    model, tok = load_model(a.model)  # fp32: the factors are those training computed (fp32 SVD)
+    bank = tinylora.load_adapter(model, a.adapter)  # refuses an adapter made for another base
+    if cmd == "export-lora":
+        write_lora(bank, a.out, a.model)
+    else:
+        dtype = getattr(torch, a.dtype)
+        print(f"merged weights in {a.dtype} carry {delta_kept(bank, dtype):.1%} of ΔW "
+              f"(the rest is lost to rounding; export-lora keeps all of it)")
+        write_merged(model, tok, bank, a.out, dtype)
+    size = sum(os.path.getsize(os.path.join(a.out, f)) for f in os.listdir(a.out))
+    print(f"{cmd}: wrote {a.out} ({size:,} bytes)")
 
 
 # -----------------------------------------------------------------------------

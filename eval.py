@@ -95,9 +95,10 @@ def get_args(argv=None):
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.8)
+    ap.add_argument("--sync", default="merged", choices=["merged", "lora"], help="how vLLM gets ΔW (see train_grpo.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON report path (default: next to the adapter, or eval.json)")
-    ap.add_argument("--work-dir", default=".cache", help="where a .gguf model is exported for vLLM")
+    ap.add_argument("--work-dir", default=".cache", help="where a .gguf model is exported for vLLM (and a LoRA pushed)")
     a = ap.parse_args(argv)
     if a.compare and not a.adapter:
         raise ValueError("--compare needs --adapter")
@@ -105,6 +106,7 @@ def get_args(argv=None):
         raise ValueError(f"adapter file not found: {a.adapter}")
     if a.model.endswith(".gguf") and not os.path.isfile(a.model):
         raise ValueError(f"model file not found: {a.model}")
+    engine.check_model(a.model)
     if a.data.endswith(".jsonl") and not os.path.isfile(a.data):
         raise ValueError(f"data file not found: {a.data}")
     if a.limit is not None and a.limit < 1 or a.max_new_tokens < 1 or a.batch_size < 1:
@@ -154,9 +156,9 @@ def main(argv=None):
     if bank is not None:
         trained = bank.v.detach().clone()
         print(bank.plan_text() + f" (from {a.adapter}, trained on {bank.config.get('base_model')})")
-    work = os.path.join(a.work_dir, os.path.basename(a.model)[:-5] + "-hf")
+    work = os.path.join(a.work_dir, os.path.basename(os.path.normpath(a.model)))
     gen = engine.make_generator(backend, model, tok, bank, a.model, work, dtype, a.max_prompt + a.max_new_tokens,
-                                a.seed, a.gpu_memory_utilization)
+                                a.seed, a.gpu_memory_utilization, a.sync)
 
     # ---- evaluate: base (v = 0) and/or adapter, on the same problems
     report = dict(config=vars(a), protocol=protocol, backend=backend, device=dev, dtype=str(dtype), models={},

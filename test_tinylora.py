@@ -432,10 +432,16 @@ def run_cli(*args):
                           cwd=os.path.dirname(os.path.abspath(T.__file__)), env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
 
-def test_cli_prints_plan_for_smollm2_gguf(tiny_folder):
+@pytest.mark.slow
+def test_cli_prints_plan_for_smollm2_gguf():
     p = run_cli("--model", need_shared(SMOL_GGUF), "--params", "13")
     assert p.returncode == 0, p.stderr
     assert "210 modules" in p.stdout and "13 trainable parameters = 52 bytes fp32 / 26 bytes bf16" in p.stdout
+
+
+def test_cli_prints_the_plan_and_refuses_an_infeasible_budget(tiny_folder):
+    p = run_cli("--model", tiny_folder, "--params", "13")
+    assert p.returncode == 0 and "14 modules" in p.stdout and "13 trainable parameters = 52 bytes" in p.stdout, p.stderr
     p = run_cli("--model", tiny_folder, "--params", "59")  # 59 is prime and > 14 modules: no u·G with u ≤ 4
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "nearest feasible budgets: [52, 56]" in p.stderr
     p = run_cli("--model", "/nonexistent/x.gguf")

@@ -4,6 +4,7 @@ linear W (out×in) with frozen truncated SVD W ≈ U Σ Vᵀ of rank r, fixed ra
 trainable v ∈ ℝᵘ shared by a group of modules:  R = Σᵢ vᵢPᵢ,  ΔW = U Σ R Vᵀ,  y = x Wᵀ + (x V)(U Σ R)ᵀ.
 
     python tinylora.py --model ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf --params 13
+    python tinylora.py merge --model M --adapter A --out DIR       # or export-lora: a standard LoRA folder
     bank = apply_tinylora(model, params=13)   # freezes the model; bank.v is the only trainable tensor
 
 Choices made where the paper is silent (the measurements behind them: README, "Design measurements"):
@@ -17,6 +18,7 @@ Choices made where the paper is silent (the measurements behind them: README, "D
     n_tie (the paper's tiles); "structured" ties one module type across consecutive layers.
  6. Merged weights W0 + ΔW are computed in fp32 from the untouched W0 and cast once, never in place.
  7. The adapter file is v + JSON metadata (safetensors); the base's fingerprint refuses another model.
+ 8. ΔW = B A with A = Vᵀ, B = U Σ R is an exact rank-r LoRA: `export-lora` writes it with no approximation.
 """
 import argparse
 import hashlib
@@ -25,6 +27,7 @@ import json
 import math
 import os
 import re
+import sys
 
 import torch
 import torch.nn as nn
@@ -38,8 +41,7 @@ SIGMA_RTOL = 2e-3  # fingerprint tolerance: bf16 vs fp32 weights and SVD method 
 
 # ---- Math: small pure functions named after the paper's symbols ------------------------------------
 def canonical_signs(U, V):
-    """Flip each singular pair (uᵢ, vᵢ) so that Σⱼ uᵢⱼ³ > 0 (smooth, unlike "largest entry positive").
-    U (m, r), V (n, r)."""
+    """Flip each pair (uᵢ, vᵢ) so that Σⱼ uᵢⱼ³ > 0 (smooth, unlike "largest entry > 0"). U (m, r), V (n, r)."""
     sign = torch.where((U.double() ** 3).sum(dim=0) >= 0, 1.0, -1.0).to(U.dtype)  # (r,)
     return U * sign, V * sign
 
@@ -98,11 +100,6 @@ def balanced_sizes(n, g):
     return [n // g + (1 if i < n % g else 0) for i in range(g)]
 
 
-def feasible_budgets(n_modules, r):
-    """Every N that `params=N` accepts: N = u·G with u ≤ r² and G ≤ n_modules."""
-    return sorted({u * g for u in range(1, r * r + 1) for g in range(1, n_modules + 1)})
-
-
 def resolve_u(n_modules, r, params):
     """The paper's rule (§7): the smallest u dividing N with N/u ≤ modules (and u ≤ r²)."""
     if params <= 0:
@@ -110,7 +107,7 @@ def resolve_u(n_modules, r, params):
     for u in range(1, r * r + 1):
         if params % u == 0 and params // u <= n_modules:
             return u
-    ok = feasible_budgets(n_modules, r)
+    ok = sorted({u * g for u in range(1, r * r + 1) for g in range(1, n_modules + 1)})  # feasible budgets
     near = [b for b in ok if b < params][-2:] + [b for b in ok if b > params][:2]
     raise ValueError(f"no exact plan for params={params} on {n_modules} modules with r={r} "
                      f"(max {n_modules * r * r}); nearest feasible budgets: {near}")
@@ -185,13 +182,12 @@ def find_targets(model, targets=DEFAULT_TARGETS):
 
 # ---- The layer and the bank of shared v ----------------------------------------------------------
 class TinyLoRALinear(nn.Module):
-    """base(x) + (x V)(U Σ R)ᵀ. The base nn.Linear is untouched; U, S, V, P are frozen buffers; v is read
-    from the shared bank (not registered here, so it is counted and saved once)."""
+    """base(x) + (x V)(U Σ R)ᵀ. The base nn.Linear is untouched; U, S, V, P are frozen buffers left out of
+    state_dict (rebuilt from W); v is read from the shared bank (not registered here: counted once)."""
 
     def __init__(self, base, U, S, V, P, bank, group):
         super().__init__()
         self.base, self.group = base, group
-        # persistent=False: the model's state_dict keeps only real weights; these are rebuilt from W.
         self.register_buffer("U", U, persistent=False)  # (out, r)
         self.register_buffer("S", S, persistent=False)  # (r,)
         self.register_buffer("V", V, persistent=False)  # (in, r)
@@ -226,6 +222,12 @@ class Bank(nn.Module):
         return delta_W(L.U, L.S, L.R(), L.V)
 
     @torch.no_grad()
+    def lora_AB(self, name):
+        """ΔW of one module as an exact rank-r LoRA, ΔW = B A: A = Vᵀ (r, in), B = U Σ R (out, r), fp32."""
+        L = self.layers[name]
+        return L.V.T.contiguous(), ((L.U * L.S) @ L.R()).contiguous()
+
+    @torch.no_grad()
     def merged_weights(self, dtype=None):
         """Yield (param name, W0 + ΔW): fp32 math from the pristine W0, cast once to dtype (default W0's)."""
         for name, L in self.layers.items():
@@ -240,9 +242,8 @@ class Bank(nn.Module):
 
 def apply_tinylora(model, params=None, u=None, n_tie=None, r=2, tie="tiled", targets=DEFAULT_TARGETS,
                    seed=0, svd="randomized", lora_xs=False, verbose=False):
-    """Freeze `model`, wrap its target linears in TinyLoRALinear, return the TinyLoRA bank (v = zeros).
-
-    lora_xs=True: u = r², P = standard basis, so R itself is trainable (LoRA-XS, tied like TinyLoRA)."""
+    """Freeze `model`, wrap its target linears in TinyLoRALinear, return the bank of v (zeros). lora_xs:
+    u = r² and P = the standard basis, so R itself is trainable (LoRA-XS, tied like TinyLoRA)."""
     if any(isinstance(m, TinyLoRALinear) for m in model.modules()):
         raise ValueError("model already carries TinyLoRA layers")
     if r < 1:
@@ -277,13 +278,6 @@ def remove_tinylora(model):
     for name, mod in list(model.named_modules()):
         if isinstance(mod, TinyLoRALinear):
             replace_module(model, name, mod.base)
-    return model
-
-
-def reattach(model, bank):
-    """Put the bank's adapted layers back after remove_tinylora (e.g. around save_pretrained of W0)."""
-    for name, layer in bank.layers.items():
-        replace_module(model, name, layer)
     return model
 
 
@@ -371,9 +365,10 @@ def load_adapter(model, path):
     return bank
 
 
-# ---- Command line: print the plan for a model without reading its weights ------------------------
+# ---- Command line: the plan (reads no weights); `merge` and `export-lora` (engine.py) ------------
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Print the TinyLoRA plan for a model (reads no weights).")
+    ap = argparse.ArgumentParser(description="The TinyLoRA plan for a model (no weights read); exports: "
+                                             "'merge --help', 'export-lora --help'")
     ap.add_argument("--model", required=True, help="hub id, local folder or .gguf file")
     ap.add_argument("--params", type=int, default=13, help="exact number of trainable scalars")
     ap.add_argument("--u", type=int, default=None, help="scalars per group (with --n-tie)")
@@ -396,5 +391,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from engine import run_cli
-    run_cli(main)
+    from engine import export_main, run_cli
+    export = sys.argv[1:2] in (["merge"], ["export-lora"])
+    run_cli(lambda: export_main(sys.argv[1], sys.argv[2:]) if export else main())

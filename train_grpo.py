@@ -70,6 +70,8 @@ def parser():
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--max-new-tokens", type=int, default=4096)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.4)
+    g.add_argument("--sync", default="merged", choices=["merged", "lora"],
+                   help="how vLLM gets ΔW: merged weights W0 + ΔW, or the exact rank-r LoRA (survives bf16)")
     g = ap.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=3)
     g.add_argument("--steps", type=int, default=None, help="rollout steps (default: epochs over the data)")
@@ -126,6 +128,7 @@ def check_args(a):
         raise ValueError(f"--temperature must be > 0 for sampling, got {a.temperature}")
     if a.model.endswith(".gguf") and not os.path.isfile(a.model):
         raise ValueError(f"model file not found: {a.model}")
+    engine.check_model(a.model)
     if a.data.endswith(".jsonl") and not os.path.isfile(a.data):
         raise ValueError(f"data file not found: {a.data}")
 
@@ -302,8 +305,8 @@ def setup(a):
     if not a.resume:  # every resolved value, saved with the run (and read back by --resume)
         with open(os.path.join(a.out, "config.json"), "w") as f:
             json.dump({k: v for k, v in config.items() if k not in ("resume", "preset")}, f, indent=1, default=str)
-    gen = engine.make_generator(backend, model, tok, bank, a.model, os.path.join(a.out, "hf_model"), dtype,
-                                a.max_prompt + a.max_new_tokens, a.seed, a.gpu_memory_utilization)
+    gen = engine.make_generator(backend, model, tok, bank, a.model, a.out, dtype, a.max_prompt + a.max_new_tokens,
+                                a.seed, a.gpu_memory_utilization, a.sync)
     opt = torch.optim.AdamW([bank.v], lr=a.lr, betas=tuple(a.betas), weight_decay=0.0)
     ckpt = os.path.join(a.out, "checkpoint.safetensors")
     start, opt_steps = engine.load_checkpoint(ckpt, bank, opt) if a.resume and os.path.isfile(ckpt) else (0, 0)
