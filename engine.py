@@ -288,6 +288,49 @@ def padded_logprobs(comps):
 
 
 # -----------------------------------------------------------------------------
+# The trainer's forward: padding, the chunked vocabulary projection, micro-batches of whole groups
+
+
+def head_logprobs(model, h, y, temperature, chunk=512):
+    """log π(y) from hidden states h (b, c, H) that predict y (b, c). The vocabulary projection is
+    checkpointed per time chunk, so the (b, c, vocab) logits never exist at once."""
+    from torch.utils.checkpoint import checkpoint
+    head = model.get_output_embeddings()
+
+    def lp(hc, yc):
+        return (head(hc).float() / temperature).log_softmax(-1).gather(-1, yc[..., None])[..., 0]
+
+    return torch.cat([checkpoint(lp, h[:, s:s + chunk], y[:, s:s + chunk], use_reentrant=False)
+                      for s in range(0, y.shape[1], chunk)], 1)
+
+
+def left_pad(seqs, length):
+    """ids and mask (b, length), each sequence right-aligned; position ids that ignore the padding."""
+    ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, length - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, length - len(s):] = 1
+    return ids, mask
+
+
+def micro_batches(lengths, micro_batch, G=1, max_tokens=0):
+    """Split positions 0..len(lengths)-1 (G consecutive samples per group) into micro-batches of whole groups:
+    at most max(micro_batch, G) samples and, if max_tokens, about that many padded tokens per pass.
+    lengths: (prompt length, completion length) per sample."""
+    out, cur = [], []
+    for s in range(0, len(lengths), G):
+        nxt = cur + list(range(s, s + G))
+        Lp, C = max(lengths[i][0] for i in nxt), max(lengths[i][1] for i in nxt)
+        tokens = len(nxt) // G * Lp + len(nxt) * C if G > 1 else len(nxt) * (Lp + C)
+        if cur and (len(nxt) > micro_batch or max_tokens and tokens > max_tokens):
+            out.append(cur)
+            nxt = list(range(s, s + G))
+        cur = nxt
+    return out + [cur]
+
+
+# -----------------------------------------------------------------------------
 # Exports: a merged HF folder, a standard LoRA folder (`python tinylora.py merge | export-lora`)
 
 

@@ -11,7 +11,7 @@ import torch
 import engine
 import task
 import tinylora
-import train_grpo as G
+import train_grpo as tg
 from conftest import tiny_model, vllm_or_skip
 
 HERE = os.path.dirname(os.path.abspath(engine.__file__))
@@ -46,7 +46,7 @@ def test_vllm_sync_matches_trainer_logprobs(tiny_llm, tiny_folder, smol_tok, tar
         comps = engine.generate_vllm(tiny_llm, smol_tok, prompts, 2, 12, 1.0, eos)
         seqs = [(prompts[i // 2], c["ids"]) for i, c in enumerate(comps)]
         with torch.no_grad():
-            lp, mask = G.token_logprobs(m, seqs, 1.0), engine.completion_mask([len(c) for _, c in seqs], max(len(c) for _, c in seqs))
+            lp, mask = tg.token_logprobs(m, seqs, 1.0), engine.completion_mask([len(c) for _, c in seqs], max(len(c) for _, c in seqs))
         roll = engine.padded_logprobs(comps)
         return ((lp - roll).abs() * mask).max().item()
 
@@ -172,7 +172,7 @@ def test_vllm_lora_push_matches_trainer_logprobs(tiny_folder, smol_tok, tmp_path
         comps = gen.generate(prompts, 2, 12, 1.0, seed=0)
         seqs = [(prompts[i // 2], c["ids"]) for i, c in enumerate(comps)]
         with torch.no_grad():
-            lp = G.token_logprobs(m, seqs, 1.0)
+            lp = tg.token_logprobs(m, seqs, 1.0)
         mask = engine.completion_mask([len(c) for _, c in seqs], lp.shape[1])
         return ((lp - engine.padded_logprobs(comps)).abs() * mask).max().item()
 

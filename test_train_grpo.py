@@ -16,39 +16,39 @@ from hypothesis import given, settings, strategies as st
 import engine
 import task
 import tinylora
-import train_grpo as G
+import train_grpo as tg
 from conftest import SMOL_GGUF, need_shared, tiny_model
 
 HP = dict(eps_low=0.2, eps_high=0.4, tis_cap=2.0)
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
-HERE = os.path.dirname(os.path.abspath(G.__file__))
+HERE = os.path.dirname(os.path.abspath(tg.__file__))
 
 
 # ---- advantages, aggregation, loss ---------------------------------------------------------------------
 
 def test_group_advantages_hand_computed():
-    A = G.group_advantages(torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1]), 4)
+    A = tg.group_advantages(torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1]), 4)
     # group 1: mean .25, unbiased std .5 -> (1-.25)/.5 = 1.5, (0-.25)/.5 = -.5; group 2 constant -> 0
     assert torch.allclose(A, torch.tensor([1.5, -.5, -.5, -.5, 0, 0, 0, 0]), atol=1e-5)
-    assert not torch.isnan(G.group_advantages(torch.zeros(8), 4)).any()
+    assert not torch.isnan(tg.group_advantages(torch.zeros(8), 4)).any()
 
 
 def test_aggregations_hand_computed():
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    assert (loss * G.agg_weights(mask, "token-mean", 5)).sum().item() == pytest.approx(10 / 4)
-    assert (loss * G.agg_weights(mask, "seq-mean-token-mean", 5)).sum().item() == pytest.approx((2 + 4) / 2)
-    assert (loss * G.agg_weights(mask, "seq-mean-token-sum-norm", 5)).sum().item() == pytest.approx(10 / (2 * 5))
+    assert (loss * tg.agg_weights(mask, "token-mean", 5)).sum().item() == pytest.approx(10 / 4)
+    assert (loss * tg.agg_weights(mask, "seq-mean-token-mean", 5)).sum().item() == pytest.approx((2 + 4) / 2)
+    assert (loss * tg.agg_weights(mask, "seq-mean-token-sum-norm", 5)).sum().item() == pytest.approx(10 / (2 * 5))
     with pytest.raises(ValueError):
-        G.agg_weights(mask, "nope", 5)
+        tg.agg_weights(mask, "nope", 5)
 
 
 def test_ppo_clip_loss_hand_computed():
     old = torch.zeros(2, 3)
     logp = torch.log(torch.tensor([[1.0, 1.5, 0.5], [1.0, 1.5, 0.5]]))  # ρ = 1, 1.5, 0.5
     A = torch.tensor([1.0, -1.0])
-    pg, rho = G.ppo_clip_loss(logp, old, A, 0.2, 0.4)
+    pg, rho = tg.ppo_clip_loss(logp, old, A, 0.2, 0.4)
     # A>0: -min(ρ, clip(ρ, .8, 1.4)) = -1, -1.4, -0.5 ; A<0: -min(-ρ, -clip) = max(ρ, clip) = 1, 1.5, 0.8
     assert torch.allclose(pg, torch.tensor([[-1.0, -1.4, -0.5], [1.0, 1.5, 0.8]]), atol=1e-6)
     assert torch.allclose(rho[0], torch.tensor([1.0, 1.5, 0.5]))
@@ -56,13 +56,13 @@ def test_ppo_clip_loss_hand_computed():
 
 def test_tis_weight_caps_at_2_and_carries_no_gradient():
     old = torch.tensor([0.0, 0.0, 0.0], requires_grad=True)
-    w = G.tis_weight(old, torch.tensor([0.0, -0.5, -5.0]), 2.0)
+    w = tg.tis_weight(old, torch.tensor([0.0, -0.5, -5.0]), 2.0)
     assert torch.allclose(w, torch.tensor([1.0, 1.6487213, 2.0])) and not w.requires_grad
 
 
 def test_lr_warmup_then_constant():
-    assert [G.lr_at(s, 100, 1.0, 0.05) for s in (0, 1, 4, 5, 50)] == [0.2, 0.4, 1.0, 1.0, 1.0]
-    assert G.lr_at(0, 10, 1.0, 0.0) == 1.0
+    assert [tg.lr_at(s, 100, 1.0, 0.05) for s in (0, 1, 4, 5, 50)] == [0.2, 0.4, 1.0, 1.0, 1.0]
+    assert tg.lr_at(0, 10, 1.0, 0.0) == 1.0
 
 
 # ---- the loss, token by token: an obviously-correct reference --------------------------------------------
@@ -99,7 +99,7 @@ def test_grpo_loss_equals_the_token_by_token_reference(data, B, C, mode):
     roll = old - floats(-1.5, 1.5, B * C).view(B, C)  # π_old/π_rollout on both sides of the TIS cap e^0.69
     A = floats(-2, 2, B)
     mask = engine.completion_mask(lengths, C)
-    loss, lo, hi = G.grpo_loss(logp, old, roll, A, G.agg_weights(mask, mode, 8), mask, **HP)
+    loss, lo, hi = tg.grpo_loss(logp, old, roll, A, tg.agg_weights(mask, mode, 8), mask, **HP)
     ref, rlo, rhi = reference_loss(logp, old, roll, A, lengths, mode, 8)
     g, = torch.autograd.grad(loss, logp)
     gr, = torch.autograd.grad(ref, logp)
@@ -114,10 +114,10 @@ def test_tis_and_clipping_act_exactly_as_the_formulas_say():
     logp = torch.log(torch.tensor([[1.0, 1.6, 0.5]])).requires_grad_()
     roll = old - torch.tensor([[0.0, 5.0, 0.1]])
     mask = torch.ones(1, 3)
-    w = G.agg_weights(mask, "token-mean", 8)
+    w = tg.agg_weights(mask, "token-mean", 8)
     for adv, want, clips in [(1.0, [-1 / 3, 0.0, -0.5 * math.exp(0.1) / 3], (0, 1)),   # A > 0: ρ = 1.6 clipped
                              (-1.0, [1 / 3, 1.6 * 2.0 / 3, 0.0], (1, 0))]:            # A < 0: ρ = 0.5 clipped; TIS 2
-        loss, lo, hi = G.grpo_loss(logp, old, roll, torch.tensor([adv]), w, mask, **HP)
+        loss, lo, hi = tg.grpo_loss(logp, old, roll, torch.tensor([adv]), w, mask, **HP)
         g, = torch.autograd.grad(loss, logp)
         assert torch.allclose(g, torch.tensor([want]), atol=1e-6), (adv, g)
         assert (lo, hi) == clips
@@ -128,7 +128,7 @@ def test_tis_and_clipping_act_exactly_as_the_formulas_say():
 def test_token_logprobs_mask_prompt_padding_and_match_unpadded():
     m = tiny_model("qwen2", vocab=300, layers=2)
     seqs = [([5, 6, 7, 8], [9, 10, 11]), ([3], [4, 5, 6, 7, 8]), ([1, 2], [3])]
-    lp = G.token_logprobs(m, seqs, temperature=0.7)
+    lp = tg.token_logprobs(m, seqs, temperature=0.7)
     mask = engine.completion_mask([len(c) for _, c in seqs], 5)
     assert lp.shape == (3, 5)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
@@ -143,7 +143,7 @@ def test_token_logprobs_mask_prompt_padding_and_match_unpadded():
 # ---- the update on a tiny random Qwen2 ------------------------------------------------------------------------
 
 def update(m, bank, opt, seqs, A, roll, lrs, mode="token-mean", micro_batch=3):
-    return G.policy_update(m, bank, opt, seqs, A, roll, lrs, micro_batch=micro_batch, temperature=1.0,
+    return tg.policy_update(m, bank, opt, seqs, A, roll, lrs, micro_batch=micro_batch, temperature=1.0,
                            loss_agg=mode, max_new=8, grad_clip=1.0, **HP)
 
 
@@ -159,14 +159,14 @@ def test_one_update_moves_the_log_prob_in_the_direction_of_the_advantage(sign):
     m = tiny_model("qwen2", vocab=300, layers=2)
     bank = tinylora.apply_tinylora(m, params=13)
     seq = ([5, 6, 7], [8, 9, 10, 11])
-    lp0 = G.token_logprobs(m, [seq], 1.0).sum()
+    lp0 = tg.token_logprobs(m, [seq], 1.0).sum()
     grad, = torch.autograd.grad(lp0, bank.v)  # ∂ log π(completion) / ∂v, by autograd directly
     opt = torch.optim.AdamW([bank.v], lr=1e-3, weight_decay=0.0)
-    update(m, bank, opt, [seq], torch.tensor([sign]), G.token_logprobs(m, [seq], 1.0).detach(), [1e-3])
+    update(m, bank, opt, [seq], torch.tensor([sign]), tg.token_logprobs(m, [seq], 1.0).detach(), [1e-3])
     dv = bank.v.detach()  # v started at 0
     assert torch.equal(torch.sign(dv), torch.sign(sign * grad))  # Adam's first step: lr · sign(A · ∂logπ/∂v)
     with torch.no_grad():
-        lp1 = G.token_logprobs(m, [seq], 1.0).sum()
+        lp1 = tg.token_logprobs(m, [seq], 1.0).sum()
     assert sign * (lp1 - lp0) > 0  # rewarded: more likely; punished: less likely
     assert (lp1 - lp0).item() == pytest.approx((grad * dv).sum().item(), rel=0.05)  # first order
 
@@ -181,19 +181,19 @@ def test_micro_batched_gradient_equals_the_whole_batch_reference(mode):
     lengths, C = [len(c) for _, c in seqs], max(len(c) for _, c in seqs)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        cur = G.token_logprobs(m, seqs, 1.0)
+        cur = tg.token_logprobs(m, seqs, 1.0)
     old = cur + 0.5 * torch.randn(cur.shape, generator=g)  # ratios across the clip range
     roll = old - 1.5 * torch.randn(cur.shape, generator=g)  # and TIS weights across the cap
     A = torch.randn(14, generator=g)
     rows = list(range(7, 14))  # the second mini-batch: its own rows, not the first ones
     mask = engine.completion_mask(lengths, C)[rows]
-    W = G.agg_weights(mask, mode, 8)
+    W = tg.agg_weights(mask, mode, 8)
     grads = {}
     for mb in (3, 7):  # 3 does not divide 7: micro-batches of 3, 3, 1
         bank.v.grad = None
-        G.accumulate_grad(m, seqs, rows, old, roll, A, W, mask, mb, 1.0, **HP)
+        tg.accumulate_grad(m, seqs, rows, old, roll, A, W, mask, mb, 1.0, **HP)
         grads[mb] = bank.v.grad.clone()
-    ref, _, _ = reference_loss(G.token_logprobs(m, [seqs[i] for i in rows], 1.0), old[rows], roll[rows], A[rows],
+    ref, _, _ = reference_loss(tg.token_logprobs(m, [seqs[i] for i in rows], 1.0), old[rows], roll[rows], A[rows],
                                [lengths[i] for i in rows], mode, 8)
     gref, = torch.autograd.grad(ref, bank.v)
     assert gref.abs().max() > 0
@@ -210,7 +210,7 @@ def test_pi_old_is_the_policy_before_the_first_step_with_one_or_two_mini_batches
         bank = tinylora.apply_tinylora(m, params=5)
         with torch.no_grad():
             bank.v.fill_(0.2)
-            before = G.token_logprobs(m, seqs, 1.0)
+            before = tg.token_logprobs(m, seqs, 1.0)
         opt = torch.optim.AdamW([bank.v], lr=1e-1, weight_decay=0.0)
         old, _ = update(m, bank, opt, seqs, A, before, [1e-1] * M)
         mask = engine.completion_mask([len(c) for _, c in seqs], before.shape[1]).bool()
@@ -218,6 +218,84 @@ def test_pi_old_is_the_policy_before_the_first_step_with_one_or_two_mini_batches
         assert not torch.allclose(bank.v, torch.full_like(bank.v, 0.2))
         olds.append(old)
     assert torch.allclose(olds[0], olds[1], atol=1e-5)
+
+
+def grouped_sequences(n_groups=3, G=4, seed=0, vocab=300):
+    """n_groups prompts of different lengths (2, 5, 8 ...), G completions each, of uneven lengths (1..6)."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for k in range(n_groups):
+        p = torch.randint(3, vocab, (2 + 3 * k,), generator=g).tolist()
+        seqs += [(p, torch.randint(3, vocab, (1 + (3 * j + k) % 6,), generator=g).tolist()) for j in range(G)]
+    return seqs
+
+
+def shared_vs_plain(m, bank, seqs, G):
+    """Per-token log-probs and the gradient of v of a weighted sum, with and without the shared prompt."""
+    mask = engine.completion_mask([len(c) for _, c in seqs], max(len(c) for _, c in seqs))
+    w = torch.randn(mask.shape, generator=torch.Generator().manual_seed(7)) * mask
+    out = []
+    for g in (G, 1):
+        lp = tg.token_logprobs(m, seqs, 0.8, G=g)
+        out.append((lp.detach(), torch.autograd.grad((lp * w).sum(), bank.v)[0]))
+    return out, mask.bool()
+
+
+def test_shared_prompt_pass_equals_the_unshared_one_tiny():
+    m = tiny_model("qwen2", vocab=300, layers=2)
+    bank = tinylora.apply_tinylora(m, params=5)
+    with torch.no_grad():
+        bank.v.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    ((shared, gs), (plain, gp)), mask = shared_vs_plain(m, bank, grouped_sequences(), 4)
+    assert (shared - plain)[mask].abs().max() <= 1e-5
+    assert torch.allclose(gs, gp, rtol=1e-5, atol=1e-8) and gp.abs().max() > 0
+    with pytest.raises(ValueError, match="share a prompt"):
+        tg.token_logprobs(m, grouped_sequences(G=4)[1:5], 1.0, G=4)
+
+
+@pytest.mark.slow
+def test_shared_prompt_pass_equals_the_unshared_one_smollm2(smol):
+    """On the real 30-layer model, in fp64 (the adapter too): the same log-probs to round-off, and the same
+    gradient to 1e-5 of its norm -- RMSNorm computes in fp32 inside transformers, so fp64 stops there. In fp32
+    both passes are ~3e-5 from each other and from an fp64 reference (README: Speed)."""
+    import copy
+    model = copy.deepcopy(smol[0]).double()
+    bank = tinylora.apply_tinylora(model, params=13)
+    model.double(), bank.double()
+    with torch.no_grad():
+        bank.v.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    ((shared, gs), (plain, gp)), mask = shared_vs_plain(model, bank, grouped_sequences(n_groups=2, G=3, vocab=49152), 3)
+    assert (shared - plain)[mask].abs().max() <= 1e-10
+    assert (gs - gp).norm() <= 1e-5 * gp.norm()
+
+
+def test_micro_batches_hold_whole_groups_within_the_caps():
+    lengths = [(5, 3)] * 4 + [(9, 6)] * 4 + [(2, 1)] * 4  # 3 groups of 4
+    assert engine.micro_batches(lengths, 8, G=4) == [list(range(8)), list(range(8, 12))]
+    assert engine.micro_batches(lengths, 3, G=4) == [list(range(4)), list(range(4, 8)), list(range(8, 12))]
+    # tokens with a shared prompt: groups·Lp + samples·C; 5 + 4·3 = 17, then 9 + 8·6 = 66 > 40
+    assert engine.micro_batches(lengths, 12, G=4, max_tokens=40) == [list(range(4)), list(range(4, 8)), list(range(8, 12))]
+    assert engine.micro_batches(lengths, 12, G=4, max_tokens=66) == [list(range(8)), list(range(8, 12))]
+    assert engine.micro_batches([(5, 3)] * 5, 2) == [[0, 1], [2, 3], [4]]
+
+
+@pytest.mark.parametrize("mini_batches", [1, 2])
+def test_update_with_the_shared_prompt_equals_the_unshared_update(mini_batches):
+    seqs, A = grouped_sequences(n_groups=4, G=3), torch.randn(12, generator=torch.Generator().manual_seed(3))
+    results = []
+    for G in (3, 1):
+        m = tiny_model("qwen2", vocab=300, layers=2)
+        bank = tinylora.apply_tinylora(m, params=5)
+        with torch.no_grad():
+            roll = tg.token_logprobs(m, seqs, 1.0) - 0.1
+        opt = torch.optim.AdamW([bank.v], lr=1e-2, weight_decay=0.0)
+        old, stats = tg.policy_update(m, bank, opt, seqs, A, roll, [1e-2] * mini_batches, micro_batch=5,
+                                      temperature=1.0, loss_agg="token-mean", max_new=8, grad_clip=1.0, G=G, **HP)
+        results.append((old, bank.v.detach().clone(), stats["grad_norm"]))
+    (o1, v1, g1), (o2, v2, g2) = results
+    mask = engine.completion_mask([len(c) for _, c in seqs], o1.shape[1]).bool()  # padded positions are never used
+    assert torch.allclose(o1[mask], o2[mask], atol=1e-5) and torch.allclose(v1, v2, atol=1e-6)
+    assert g1 == pytest.approx(g2, rel=1e-4)
 
 
 @pytest.mark.parametrize("mini_batches", [1, 2])
@@ -232,7 +310,7 @@ def test_policy_update_changes_v_and_only_v(smol_tok, mini_batches):
     seqs = [(prompts[i // 4], c["ids"]) for i, c in enumerate(comps)]
     roll = engine.padded_logprobs(comps)
     assert roll.shape == (8, max(len(c["ids"]) for c in comps))
-    A = G.group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 1, 0, 0]), 4)
+    A = tg.group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 1, 0, 0]), 4)
     opt = torch.optim.AdamW([bank.v], lr=1e-2, weight_decay=0.0)
     old, stats = update(m, bank, opt, seqs, A, roll, [1e-2] * mini_batches)
     # the sampler's log-probs (HF generate, recorded after temperature) equal the trainer's π_old
@@ -246,10 +324,10 @@ def test_policy_update_changes_v_and_only_v(smol_tok, mini_batches):
 
 def test_batches_cover_each_epoch_once_and_depend_only_on_seed_and_step():
     items = list(range(10))
-    epoch0 = [x for s in range(5) for x in G.batch_at(items, s, 2, 0)]
+    epoch0 = [x for s in range(5) for x in tg.batch_at(items, s, 2, 0)]
     assert sorted(epoch0) == items and epoch0 != items  # a permutation, not the file order
-    assert G.batch_at(items, 7, 2, 0) == G.batch_at(items, 7, 2, 0) != G.batch_at(items, 7, 2, 1)
-    assert sorted(x for s in range(5, 10) for x in G.batch_at(items, s, 2, 0)) == items
+    assert tg.batch_at(items, 7, 2, 0) == tg.batch_at(items, 7, 2, 0) != tg.batch_at(items, 7, 2, 1)
+    assert sorted(x for s in range(5, 10) for x in tg.batch_at(items, s, 2, 0)) == items
 
 
 # ---- end to end: CLI errors, bad data, and an exact resume after kill -9 ---------------------------------------

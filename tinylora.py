@@ -135,11 +135,11 @@ def plan_groups(names, types, r, params=None, u=None, n_tie=None, tie="tiled"):
     if params is None:
         sizes = [[min(n_tie, len(s) - i) for i in range(0, len(s), n_tie)] for s in seqs]
     else:
-        G = params // u
-        if G < len(seqs):
+        n_groups = params // u
+        if n_groups < len(seqs):
             raise ValueError(f"structured tying needs at least one group per module type ({len(seqs)}), "
-                             f"params={params} gives {G}; use tie='tiled'")
-        per_seq = balanced_sizes(G, len(seqs))
+                             f"params={params} gives {n_groups}; use tie='tiled'")
+        per_seq = balanced_sizes(n_groups, len(seqs))
         if any(g > len(s) for g, s in zip(per_seq, seqs)):
             raise ValueError(f"params={params} gives more groups than modules of one type")
         sizes = [balanced_sizes(len(s), g) for s, g in zip(seqs, per_seq)]
@@ -147,13 +147,13 @@ def plan_groups(names, types, r, params=None, u=None, n_tie=None, tie="tiled"):
 
 
 def make_plan(names, types, r, params=None, u=None, n_tie=None, tie="tiled", lora_xs=False):
-    """plan_groups, plus LoRA-XS: u = r² fixed, so params counts G·r² and n_tie defaults to 1."""
+    """plan_groups, plus LoRA-XS: u = r² fixed, so params counts n_groups·r² and n_tie defaults to 1."""
     if not lora_xs:
         return plan_groups(names, types, r, params=params, u=u, n_tie=n_tie, tie=tie)
     if u not in (None, r * r) or (params is not None and params % (r * r)):
         raise ValueError(f"LoRA-XS fixes u = r² = {r * r}; params must be a multiple of it (got params={params}, u={u})")
     plan = dict(params=params // (r * r)) if params is not None else dict(u=1, n_tie=n_tie or 1)
-    return r * r, plan_groups(names, types, r, tie=tie, **plan)[1]  # G groups of u = r²: the u=1 planner
+    return r * r, plan_groups(names, types, r, tie=tie, **plan)[1]  # n_groups of u = r²: the u=1 planner
 
 
 def plan_text(n_modules, targets, r, u, groups, tie, lora_xs=False):
@@ -203,7 +203,7 @@ class TinyLoRALinear(nn.Module):
 
 
 class Bank(nn.Module):
-    """The bank of shared v: the whole model's trainable state v (G, u), one row per tying group, and the
+    """The bank of shared v: the whole model's trainable state v (n_groups, u), one row per tying group, and the
     plan (groups, config) and adapted layers that read it."""
 
     def __init__(self, groups, u, config):
@@ -322,7 +322,7 @@ def save_adapter(bank, path, dtype=torch.float32, base_model=None):
 
 
 def read_adapter(path):
-    """(v fp32 (G, u), metadata dict) from an adapter file; a clear ValueError for anything malformed."""
+    """(v fp32 (n_groups, u), metadata dict) from an adapter file; a clear ValueError for anything malformed."""
     tensors, meta = read_safetensors(path, "tinylora", "adapter")
     if "v" not in tensors or not isinstance(meta, dict):
         raise ValueError(f"{path} is not a readable TinyLoRA adapter (no v)")

@@ -76,7 +76,9 @@ def parser():
     g.add_argument("--epochs", type=int, default=3)
     g.add_argument("--steps", type=int, default=None, help="rollout steps (default: epochs over the data)")
     g.add_argument("--mini-batches", type=int, default=2, help="optimizer steps per rollout batch")
-    g.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward")
+    g.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward (whole groups, at least one)")
+    g.add_argument("--micro-tokens", type=int, default=0, help="also cap a micro-batch's padded tokens (0 = no cap)")
+    g.add_argument("--no-shared-prompt", action="store_true", help="recompute each prompt for every sample (slower, same result)")
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--warmup", type=float, default=0.05, help="fraction of optimizer steps")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
@@ -176,67 +178,76 @@ def grpo_loss(logp, old, roll, A, w, mask, eps_low, eps_high, tis_cap):
     return loss, clip_low, clip_high
 
 
-def token_logprobs(model, seqs, temperature, chunk=512):
+def token_logprobs(model, seqs, temperature, G=1):
     """log π of every completion token through the adapter, with grad: (b, c) right-padded.
-    seqs: (prompt ids, completion ids) pairs. Prompts are left-padded so every completion starts at one
-    column; the vocabulary projection is checkpointed per time chunk, so (b, T, vocab) never exists."""
-    from torch.utils.checkpoint import checkpoint
+    seqs: (prompt ids, completion ids) pairs; with G > 1, consecutive groups of G that share a prompt.
+    G = 1: one pass over prompt + completion, prompts left-padded so completions start at one column.
+    G > 1: each distinct prompt runs once (with grad: v changes its keys and values too) and its G
+    completions run against its KV cache, repeated G times (transformers' DynamicCache.batch_repeat_interleave,
+    public API, pinned in requirements): (Lp + G·C)/(G·(Lp + C)) of the token work, the same log-probs."""
     dev = next(model.parameters()).device
     Lp, C = max(len(p) for p, _ in seqs), max(len(c) for _, c in seqs)
-    ids = torch.zeros(len(seqs), Lp + C, dtype=torch.long)
-    mask = torch.zeros(len(seqs), Lp + C, dtype=torch.long)
-    for i, (p, c) in enumerate(seqs):
-        ids[i, Lp - len(p):Lp + len(c)] = torch.tensor(p + c)
-        mask[i, Lp - len(p):Lp + len(c)] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
-    pos = (mask.cumsum(1) - 1).clamp_min(0)
-    h = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state  # (b, Lp+C, H)
-    h, y, head = h[:, Lp - 1:Lp + C - 1], ids[:, Lp:], model.get_output_embeddings()  # h predicts y
-
-    def lp(hc, yc):
-        return (head(hc).float() / temperature).log_softmax(-1).gather(-1, yc[..., None])[..., 0]
-
-    return torch.cat([checkpoint(lp, h[:, s:s + chunk], y[:, s:s + chunk], use_reentrant=False)
-                      for s in range(0, C, chunk)], 1)
+    y = torch.tensor([c + [0] * (C - len(c)) for _, c in seqs], device=dev)  # (b, C) completion ids
+    if G == 1:
+        ids, mask = engine.left_pad([p + c + [0] * (C - len(c)) for p, c in seqs], Lp + C)
+        mask[:, Lp:] = engine.completion_mask([len(c) for _, c in seqs], C).long()
+        ids, mask = ids.to(dev), mask.to(dev)
+        h = model.base_model(input_ids=ids, attention_mask=mask,
+                             position_ids=(mask.cumsum(1) - 1).clamp_min(0)).last_hidden_state  # (b, Lp+C, H)
+        return engine.head_logprobs(model, h[:, Lp - 1:Lp + C - 1], y, temperature)
+    prompts = [seqs[i][0] for i in range(0, len(seqs), G)]
+    if any(seqs[i][0] != prompts[i // G] for i in range(len(seqs))):
+        raise ValueError(f"token_logprobs(G={G}): sequences must come in groups of {G} that share a prompt")
+    ids, pmask = (t.to(dev) for t in engine.left_pad(prompts, Lp))  # (g, Lp)
+    out = model.base_model(input_ids=ids, attention_mask=pmask, position_ids=(pmask.cumsum(1) - 1).clamp_min(0),
+                           use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)  # (g·G, heads, Lp, d): the prompt's keys and values for each sample
+    cmask = engine.completion_mask([len(c) for _, c in seqs], C).long().to(dev)  # (b, C)
+    pos = pmask.sum(1).repeat_interleave(G)[:, None] + torch.arange(C, device=dev)  # (b, C)
+    h = model.base_model(input_ids=y, attention_mask=torch.cat([pmask.repeat_interleave(G, 0), cmask], 1),
+                         position_ids=pos, past_key_values=cache).last_hidden_state  # (b, C, H)
+    h = torch.cat([out.last_hidden_state[:, -1:].repeat_interleave(G, 0), h[:, :C - 1]], 1)  # h predicts y
+    return engine.head_logprobs(model, h, y, temperature)
 
 
 @torch.no_grad()
-def old_logprobs(model, seqs, C, temperature, micro_batch):
+def old_logprobs(model, seqs, C, temperature, micro_batch, G=1, max_tokens=0):
     """π_old (N, C): the current policy's log-probs, before any update of this rollout batch."""
     old = torch.zeros(len(seqs), C)
-    for s in range(0, len(seqs), micro_batch):
-        lp = token_logprobs(model, seqs[s:s + micro_batch], temperature)
-        old[s:s + micro_batch, :lp.shape[1]] = lp.cpu()
+    for mb in engine.micro_batches([(len(p), len(c)) for p, c in seqs], micro_batch, G, max_tokens):
+        lp = token_logprobs(model, [seqs[i] for i in mb], temperature, G)
+        old[mb, :lp.shape[1]] = lp.cpu()
     return old
 
 
 def accumulate_grad(model, seqs, rows, old, roll, A, W, mask, micro_batch, temperature, eps_low, eps_high,
-                    tis_cap, fill_old=False):
-    """Backward of the mini-batch loss Σ_rows W·ℓ, micro-batch by micro-batch (rows: indices into seqs; W,
-    mask (len(rows), C) aligned with rows). fill_old: this pass is π_old (one mini-batch), so old[rows] is
-    set from it first. Returns the clip counts."""
+                    tis_cap, fill_old=False, G=1, max_tokens=0):
+    """Backward of the mini-batch loss Σ_rows W·ℓ, micro-batch by micro-batch (rows: indices into seqs, whole
+    groups of G; W, mask (len(rows), C) aligned with rows). fill_old: this pass is π_old (one mini-batch), so
+    old[rows] is set from it first. Returns the clip counts."""
     clip_low = clip_high = 0
-    for s in range(0, len(rows), micro_batch):
-        ii = rows[s:s + micro_batch]
-        lp = token_logprobs(model, [seqs[i] for i in ii], temperature)  # (b, c)
+    for mb in engine.micro_batches([(len(seqs[i][0]), len(seqs[i][1])) for i in rows], micro_batch, G, max_tokens):
+        ii = [rows[j] for j in mb]  # mb: positions in rows (and in W, mask); ii: indices into seqs
+        lp = token_logprobs(model, [seqs[i] for i in ii], temperature, G)  # (b, c)
         c, dev = lp.shape[1], lp.device
         if fill_old:
             old[ii, :c] = lp.detach().cpu()
         loss, lo, hi = grpo_loss(lp, old[ii, :c].to(dev), roll[ii, :c].to(dev), A[ii].to(dev),
-                                 W[s:s + len(ii), :c].to(dev), mask[s:s + len(ii), :c].to(dev), eps_low, eps_high, tis_cap)
+                                 W[mb, :c].to(dev), mask[mb, :c].to(dev), eps_low, eps_high, tis_cap)
         loss.backward()
         clip_low, clip_high = clip_low + lo, clip_high + hi
     return clip_low, clip_high
 
 
 def policy_update(model, bank, opt, seqs, A, roll, lrs, micro_batch, temperature, eps_low, eps_high, tis_cap,
-                  loss_agg, max_new, grad_clip):
+                  loss_agg, max_new, grad_clip, G=1, max_tokens=0):
     """One rollout batch -> len(lrs) AdamW steps on v, one per mini-batch of whole groups.
-    seqs: (prompt ids, completion ids) per sample; A (N,); roll (N, C) the sampler's log-probs.
-    Returns π_old (N, C) and the statistics of the update (clip counts, last gradient norm)."""
+    seqs: (prompt ids, completion ids) per sample, G per group (G > 1: each prompt computed once per pass);
+    A (N,); roll (N, C) the sampler's log-probs. Returns π_old (N, C) and the update's statistics."""
     N, C, M = len(seqs), roll.shape[1], len(lrs)
     mask = engine.completion_mask([len(c) for _, c in seqs], C)  # (N, C)
-    old = old_logprobs(model, seqs, C, temperature, micro_batch) if M > 1 else torch.zeros(N, C)
+    old = old_logprobs(model, seqs, C, temperature, micro_batch, G, max_tokens) if M > 1 else torch.zeros(N, C)
     stats = dict(clip_low=0, clip_high=0, grad_norm=0.0)
     for m, lr in enumerate(lrs):
         rows = list(range(m * N // M, (m + 1) * N // M))
@@ -245,7 +256,7 @@ def policy_update(model, bank, opt, seqs, A, roll, lrs, micro_batch, temperature
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         lo, hi = accumulate_grad(model, seqs, rows, old, roll, A, W, mask[rows], micro_batch, temperature,
-                                 eps_low, eps_high, tis_cap, fill_old=M == 1)
+                                 eps_low, eps_high, tis_cap, fill_old=M == 1, G=G, max_tokens=max_tokens)
         stats["clip_low"], stats["clip_high"] = stats["clip_low"] + lo, stats["clip_high"] + hi
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_([bank.v], grad_clip).item()
         opt.step()
@@ -324,7 +335,8 @@ def main(argv=None):
     total_opt, log, out = total_steps * a.mini_batches, os.path.join(a.out, "log.jsonl"), functools.partial(os.path.join, a.out)
     update = functools.partial(policy_update, micro_batch=a.micro_batch, temperature=a.temperature, eps_low=a.eps_low,
                                eps_high=a.eps_high, tis_cap=a.tis_cap, loss_agg=a.loss_agg, max_new=a.max_new_tokens,
-                               grad_clip=a.grad_clip)
+                               grad_clip=a.grad_clip, G=1 if a.no_shared_prompt else a.group_size,
+                               max_tokens=a.micro_tokens)
     gen.push(bank)  # v = 0, or the resumed v
     if a.eval_n and start == 0:
         engine.append_jsonl(log, heldout(gen, tok, a, 0))
