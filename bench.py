@@ -4,6 +4,7 @@ Benchmark: this project's TinyLoRA against PEFT's TinyLoraConfig, measured side 
     python bench.py --size smollm2 --device cpu            # this machine (2 cores)
     python bench.py --size 7b --device cuda --dtype bfloat16   # a GPU (random weights, built from a config)
     python bench.py --sync-cost MODEL                     # vLLM push: merged weights vs the exact LoRA
+    PYTHONPATH=<trl site> python bench.py --grpo-step MODEL  # the whole GRPO step: ours (vLLM, HF) vs TRL + PEFT
 
 Builds the model from a config (no download, random weights), then measures, in the same process:
 init time (SVD of every adapted module), forward and fwd+bwd step time as ratios to the same network
@@ -114,10 +115,10 @@ def get_args(argv=None):
     ap.add_argument("--svd", default="randomized", choices=["randomized", "exact"])
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--out", default="bench.jsonl")
-    a = ap.parse_args(argv)
-    if a.device == "cuda" and not torch.cuda.is_available():
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is visible")
-    return a
+    return args
 
 
 def peft_version():
@@ -129,78 +130,78 @@ def peft_version():
         return None
 
 
-def measure_base(model, x, a, res):
+def measure_base(model, x, args, res):
     """The base forward and the floor: fwd+bwd with one trainable scalar on the embeddings."""
     fwd, _ = step_fns(model, [], x)
-    res["base_fwd_s"] = timed(fwd, a.device, a.iters, a.warmup)
+    res["base_fwd_s"] = timed(fwd, args.device, args.iters, args.warmup)
     params, hook = floor_scalar(model)
     _, fwd_bwd = step_fns(model, params, x)
-    if a.device == "cuda":
+    if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    res["floor_step_s"] = timed(fwd_bwd, a.device, a.iters, a.warmup)
-    res["floor_mem_gib"] = peak_mem(a.device)
+    res["floor_step_s"] = timed(fwd_bwd, args.device, args.iters, args.warmup)
+    res["floor_mem_gib"] = peak_mem(args.device)
     hook.remove()
 
 
-def measure_steps(model, params, x, a, res, who):
+def measure_steps(model, params, x, args, res, who):
     fwd, fwd_bwd = step_fns(model, params, x)
-    res[f"{who}_fwd_s"] = timed(fwd, a.device, a.iters, a.warmup)
-    if a.device == "cuda":
+    res[f"{who}_fwd_s"] = timed(fwd, args.device, args.iters, args.warmup)
+    if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    res[f"{who}_step_s"] = timed(fwd_bwd, a.device, a.iters, a.warmup)
-    res[f"{who}_mem_gib"] = peak_mem(a.device)
+    res[f"{who}_step_s"] = timed(fwd_bwd, args.device, args.iters, args.warmup)
+    res[f"{who}_mem_gib"] = peak_mem(args.device)
 
 
-def measure_ours(model, x, a, dtype, res):
-    sync(a.device)
+def measure_ours(model, x, args, dtype, res):
+    sync(args.device)
     t = time.perf_counter()
-    bank = tinylora.apply_tinylora(model, params=13, svd=a.svd)
-    sync(a.device)
+    bank = tinylora.apply_tinylora(model, params=13, svd=args.svd)
+    sync(args.device)
     res["ours_init_s"] = time.perf_counter() - t
     with torch.no_grad():
         bank.v.normal_(0, 0.01)
-    measure_steps(model, [bank.v], x, a, res, "ours")
-    res["ours_merged_s"] = timed(lambda: [w for _, w in bank.merged_weights(dtype)], a.device, a.iters, 1)
+    measure_steps(model, [bank.v], x, args, res, "ours")
+    res["ours_merged_s"] = timed(lambda: [w for _, w in bank.merged_weights(dtype)], args.device, args.iters, 1)
     with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "a.safetensors")
-        res["ours_save_s"] = timed(lambda: tinylora.save_adapter(bank, path), a.device, a.iters, 1)
+        path = os.path.join(d, "args.safetensors")
+        res["ours_save_s"] = timed(lambda: tinylora.save_adapter(bank, path), args.device, args.iters, 1)
         res["ours_ckpt_bytes"] = os.path.getsize(path)
         tinylora.remove_tinylora(model)
         t = time.perf_counter()
         tinylora.load_adapter(model, path)  # rebuilds every factor: same cost as init
-        sync(a.device)
+        sync(args.device)
         res["ours_load_s"] = time.perf_counter() - t
     tinylora.remove_tinylora(model)
 
 
-def measure_peft(model, x, a, res):
+def measure_peft(model, x, args, res):
     from peft import PeftModel
-    sync(a.device)
+    sync(args.device)
     t = time.perf_counter()
     pm = apply_peft(model)
-    sync(a.device)
+    sync(args.device)
     res["peft_init_s"] = time.perf_counter() - t
     trainable = [p for p in pm.parameters() if p.requires_grad]
     res["peft_params"] = sum(p.numel() for p in trainable)
     with torch.no_grad():
         for p in trainable:
             p.normal_(0, 0.01)
-    measure_steps(pm, trainable, x, a, res, "peft")
+    measure_steps(pm, trainable, x, args, res, "peft")
 
     def merge_unmerge():
         pm.merge_adapter()
         pm.unmerge_adapter()
-    res["peft_merged_s"] = timed(merge_unmerge, a.device, a.iters, 1)
+    res["peft_merged_s"] = timed(merge_unmerge, args.device, args.iters, 1)
     with tempfile.TemporaryDirectory() as d:
-        res["peft_save_s"] = timed(lambda: pm.save_pretrained(d), a.device, a.iters, 1)
+        res["peft_save_s"] = timed(lambda: pm.save_pretrained(d), args.device, args.iters, 1)
         res["peft_ckpt_bytes"] = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
         base = pm.unload()  # the plain model again
         fwd, _ = step_fns(base, [], x)  # the base forward once more, last: the first run of a process is slower
-        res["base_fwd_s"] = min(res["base_fwd_s"], timed(fwd, a.device, a.iters, a.warmup))
-        sync(a.device)
+        res["base_fwd_s"] = min(res["base_fwd_s"], timed(fwd, args.device, args.iters, args.warmup))
+        sync(args.device)
         t = time.perf_counter()
         PeftModel.from_pretrained(base, d)
-        sync(a.device)
+        sync(args.device)
         res["peft_load_s"] = time.perf_counter() - t
 
 
@@ -239,7 +240,7 @@ def sync_bench(spec, prompts=8, n=8, max_new=40, reps=3):
                                         1024, 0, 0.4, sync)
             res[f"{sync}_push_s"] = timed(lambda: gen.push(bank), "cpu", reps, 1)
             res[f"{sync}_rollout_s"] = timed(lambda: gen.generate(ids, n, max_new, 1.0, 0), "cpu", reps, 1)
-            del gen
+            gen = None  # let the engine go before the next one starts
     print(f"| vLLM push, {prompts}×{n} samples × {max_new} tokens | merged W0+ΔW | exact LoRA | LoRA ÷ merged |")
     print("| --- | --- | --- | --- |")
     for k in ("push_s", "rollout_s"):
@@ -248,25 +249,98 @@ def sync_bench(spec, prompts=8, n=8, max_new=40, reps=3):
     return res
 
 
+def trl_step(spec, steps):
+    """TRL 1.16 GRPOTrainer + PEFT 0.21 TinyLoraConfig (13 scalars) on the CPU demo config: per-step seconds.
+    The peer baseline of ../shared/anchors/trl_cpu_step.py with this project's loader, task and prompt."""
+    import engine
+    import task
+    from datasets import Dataset
+    from peft import TinyLoraConfig, get_peft_model
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    model, tok = engine.load_model(spec)
+    rows, shots = task.load_task("arith", "train")
+    ds = Dataset.from_list([dict(prompt=task.build_prompt(tok, r["question"], shots), gold=r["gold"]) for r in rows])
+    pm = get_peft_model(model, TinyLoraConfig(r=2, u=13, weight_tying=1.0, target_modules=list(tinylora.DEFAULT_TARGETS)))
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.time()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.time() - self.t)
+
+    def strict_reward(completions, gold, **kw):
+        return [float(task.same_number(task.extract_strict(c), g)) for c, g in zip(completions, gold)]
+
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=8, gradient_accumulation_steps=8,
+                      num_generations=8, max_completion_length=40, temperature=1.0, top_k=0, top_p=1.0,
+                      learning_rate=1e-2, beta=0.0, epsilon=0.2, epsilon_high=0.4, loss_type="dapo", max_steps=steps,
+                      logging_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+                      mask_truncated_completions=True, gradient_checkpointing=False, seed=0, dataloader_num_workers=0)
+    GRPOTrainer(model=pm, reward_funcs=strict_reward, args=args, train_dataset=ds, processing_class=tok,
+                callbacks=[Timer()]).train()
+    print(json.dumps(dict(step_s=times)))
+
+
+def grpo_step_bench(spec, steps=3):
+    """The whole GRPO step on the CPU demo config (8 prompts × 8 samples, 40 tokens, 13 parameters), each
+    system in its own process, one after the other: this project with vLLM and with HF rollouts, the same
+    without the shared prompt (the in-run baseline), and TRL + PEFT when TRL is importable."""
+    import subprocess
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    res = {}
+    runs = [("ours, vLLM", ["--backend", "vllm"]), ("ours, vLLM, prompt recomputed per sample", ["--backend", "vllm", "--no-shared-prompt"]),
+            ("ours, HF generate", ["--backend", "hf"])]
+    for label, extra in runs:
+        with tempfile.TemporaryDirectory() as d:
+            p = subprocess.run([sys.executable, "train_grpo.py", "--preset", "cpu-demo", "--model", spec, "--steps", str(steps),
+                                "--eval-n", "0", "--sample-every", "0", "--out", d, *extra], env=env, capture_output=True, text=True)
+            if p.returncode:
+                raise ValueError(f"{label} failed: {p.stderr.strip().splitlines()[-1]}")
+            rows = [json.loads(x) for x in open(os.path.join(d, "log.jsonl"))]
+            res[label] = {k: statistics.median(r[k] for r in rows) for k in ("t_step", "t_gen", "t_train", "t_sync")}
+    try:
+        import trl  # noqa: F401
+        p = subprocess.run([sys.executable, "bench.py", "--trl-step", spec, str(steps)], env=env, capture_output=True, text=True)
+        if p.returncode:
+            raise ValueError(f"TRL failed: {p.stderr.strip().splitlines()[-1]}")
+        res["TRL 1.16 + PEFT TinyLoRA, HF generate"] = dict(t_step=statistics.median(json.loads(p.stdout.strip().splitlines()[-1])["step_s"]))
+    except ImportError:
+        print("TRL is not installed: its column is skipped (pip install --no-deps --target DIR trl==1.16.0, then PYTHONPATH=DIR)")
+    base = res.get("TRL 1.16 + PEFT TinyLoRA, HF generate")
+    print(f"\n| GRPO step, CPU demo config ({steps} steps, median) | step, s | generate | train | sync | TRL ÷ this |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label, r in res.items():
+        cells = " | ".join(f"{r[k]:.1f}" if k in r else "-" for k in ("t_step", "t_gen", "t_train", "t_sync"))
+        print(f"| {label} | {cells} | {base['t_step'] / r['t_step']:.1f}× |" if base else f"| {label} | {cells} | - |")
+    return res
+
+
 def main(argv=None):
     if argv is None and sys.argv[1:2] == ["--sync-cost"]:  # python bench.py --sync-cost MODEL
         return sync_bench(sys.argv[2])
-    a = get_args(argv)
-    cuda = a.device == "cuda"
-    dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
-    B, T = a.batch or (8 if cuda else 4), a.seq or (512 if cuda else 256)
+    if argv is None and sys.argv[1:2] == ["--grpo-step"]:  # python bench.py --grpo-step MODEL [STEPS]
+        return grpo_step_bench(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 3)
+    if argv is None and sys.argv[1:2] == ["--trl-step"]:  # (run by --grpo-step in its own process)
+        return trl_step(sys.argv[2], int(sys.argv[3]))
+    args = get_args(argv)
+    cuda = args.device == "cuda"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    B, T = args.batch or (8 if cuda else 4), args.seq or (512 if cuda else 256)
     machine = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-    res = dict(size=a.size, device=a.device, machine=machine, torch=torch.__version__, peft=peft_version(),
-               dtype=str(dtype), batch=B, seq=T, svd=a.svd)
-    print(f"machine: {machine} | torch {torch.__version__} | peft {res['peft']} | size {a.size} | {dtype} | batch {B}×{T}")
-    x = torch.randint(0, SIZES[a.size][1]["vocab_size"], (B, T), device=a.device)
-    model = build(a.size, a.device, dtype)  # one instance for everything: every ratio compares the same weights
-    measure_base(model, x, a, res)
-    measure_ours(model, x, a, dtype, res)
-    if res["peft"] is not None and not a.no_peft:
-        measure_peft(model, x, a, res)  # on the same, restored model
+    res = dict(size=args.size, device=args.device, machine=machine, torch=torch.__version__, peft=peft_version(),
+               dtype=str(dtype), batch=B, seq=T, svd=args.svd)
+    print(f"machine: {machine} | torch {torch.__version__} | peft {res['peft']} | size {args.size} | {dtype} | batch {B}×{T}")
+    x = torch.randint(0, SIZES[args.size][1]["vocab_size"], (B, T), device=args.device)
+    model = build(args.size, args.device, dtype)  # one instance for everything: every ratio compares the same weights
+    measure_base(model, x, args, res)
+    measure_ours(model, x, args, dtype, res)
+    if res["peft"] is not None and not args.no_peft:
+        measure_peft(model, x, args, res)  # on the same, restored model
     print_table(res)
-    with open(a.out, "a") as fh:
+    with open(args.out, "a") as fh:
         fh.write(json.dumps(res) + "\n")
     return res
 

@@ -38,10 +38,14 @@ def split_gguf(spec):
     return spec, None
 
 
-def check_model(spec):
-    """Fail at once on a model path that does not exist (hub ids never start with '/', '.' or '~')."""
-    if spec.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(spec)):
-        raise ValueError(f"cannot load model {spec!r}: no such file or folder")
+def check_paths(model, data):
+    """Fail at once on a model or data path that does not exist (hub ids never start with '/', '.' or '~')."""
+    if model.endswith(".gguf") and not os.path.isfile(model):
+        raise ValueError(f"model file not found: {model}")
+    if model.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(model)):
+        raise ValueError(f"cannot load model {model!r}: no such file or folder")
+    if data.endswith(".jsonl") and not os.path.isfile(data):
+        raise ValueError(f"data file not found: {data}")
 
 
 def load_model(spec, dtype=torch.float32, device="cpu"):

@@ -99,34 +99,30 @@ def get_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON report path (default: next to the adapter, or eval.json)")
     ap.add_argument("--work-dir", default=".cache", help="where a .gguf model is exported for vLLM (and a LoRA pushed)")
-    a = ap.parse_args(argv)
-    if a.compare and not a.adapter:
+    args = ap.parse_args(argv)
+    if args.compare and not args.adapter:
         raise ValueError("--compare needs --adapter")
-    if a.adapter and not os.path.isfile(a.adapter):
-        raise ValueError(f"adapter file not found: {a.adapter}")
-    if a.model.endswith(".gguf") and not os.path.isfile(a.model):
-        raise ValueError(f"model file not found: {a.model}")
-    engine.check_model(a.model)
-    if a.data.endswith(".jsonl") and not os.path.isfile(a.data):
-        raise ValueError(f"data file not found: {a.data}")
-    if a.limit is not None and a.limit < 1 or a.max_new_tokens < 1 or a.batch_size < 1:
+    if args.adapter and not os.path.isfile(args.adapter):
+        raise ValueError(f"adapter file not found: {args.adapter}")
+    engine.check_paths(args.model, args.data)
+    if args.limit is not None and args.limit < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
         raise ValueError("--limit, --max-new-tokens and --batch-size must be >= 1")
-    return a
+    return args
 
 
-def run(gen, items, a, label):
+def run(gen, items, args, label):
     """Greedy replies to every item and their verdicts: (per-problem results, summary)."""
     from tqdm import tqdm
     t0, comps = time.time(), []
-    for s in tqdm(range(0, len(items), a.batch_size), desc=label):
-        comps += gen.generate([p for _, p in items[s:s + a.batch_size]], 1, a.max_new_tokens, 0.0, a.seed)
+    for s in tqdm(range(0, len(items), args.batch_size), desc=label):
+        comps += gen.generate([p for _, p in items[s:s + args.batch_size]], 1, args.max_new_tokens, 0.0, args.seed)
     res = [dict(question=r["question"], gold=r["gold"], reply=c["text"],
                 **task.score(c["text"], r["gold"], c["finished"], len(c["ids"]))) for (r, _), c in zip(items, comps)]
     return res, dict(summarize(res), seconds=time.time() - t0)
 
 
-def print_report(report, a, n):
-    print(f"\n{a.model} on {a.data} [{a.split}], {n} problems, greedy, {a.max_new_tokens} new tokens")
+def print_report(report, args, n):
+    print(f"\n{args.model} on {args.data} [{args.split}], {n} problems, greedy, {args.max_new_tokens} new tokens")
     print(f"{'':8s} {'strict':>24s} {'flexible':>24s} {'####':>6s} {'trunc':>6s} {'tokens':>7s} {'time':>6s}")
     cell = lambda x: f"{x['acc']:6.1%} [{x['ci95'][0]:5.1%}, {x['ci95'][1]:5.1%}]"  # noqa: E731
     for k, m in report["models"].items():
@@ -138,42 +134,42 @@ def print_report(report, a, n):
 
 
 def main(argv=None):
-    a = get_args(argv)
-    dev, dtype, backend = engine.resolve_runtime(a.device, a.dtype, a.backend)
-    rows, shots = task.load_task(a.data, a.split)
-    rows = rows[:a.limit] if a.limit else rows
+    args = get_args(argv)
+    dev, dtype, backend = engine.resolve_runtime(args.device, args.dtype, args.backend)
+    rows, shots = task.load_task(args.data, args.split)
+    rows = rows[:args.limit] if args.limit else rows
     protocol = dict(decoding="greedy", prompt="chat template, one user turn: question + " + json.dumps(task.SUFFIX),
                     shots=len(shots), strict="number after the last '####' == gold, reply ended with EOS",
-                    flexible="last number in the reply == gold", max_new_tokens=a.max_new_tokens)
+                    flexible="last number in the reply == gold", max_new_tokens=args.max_new_tokens)
     print(f"protocol: {json.dumps(protocol)}\nbackend {backend}, device {dev}, dtype {dtype}")
 
     # ---- model, adapter (v = 0 is the base, bit-identical), prompts, generator
-    model, tok = engine.load_model(a.model, dtype=dtype, device=dev)
-    items = task.prompt_ids(tok, rows, shots, a.max_prompt)
+    model, tok = engine.load_model(args.model, dtype=dtype, device=dev)
+    items = task.prompt_ids(tok, rows, shots, args.max_prompt)
     if len(items) < len(rows):
-        print(f"note: {len(rows) - len(items)} prompts over {a.max_prompt} tokens skipped")
-    bank = tinylora.load_adapter(model, a.adapter) if a.adapter else None
+        print(f"note: {len(rows) - len(items)} prompts over {args.max_prompt} tokens skipped")
+    bank = tinylora.load_adapter(model, args.adapter) if args.adapter else None
     if bank is not None:
         trained = bank.v.detach().clone()
-        print(bank.plan_text() + f" (from {a.adapter}, trained on {bank.config.get('base_model')})")
-    work = os.path.join(a.work_dir, os.path.basename(os.path.normpath(a.model)))
-    gen = engine.make_generator(backend, model, tok, bank, a.model, work, dtype, a.max_prompt + a.max_new_tokens,
-                                a.seed, a.gpu_memory_utilization, a.sync)
+        print(bank.plan_text() + f" (from {args.adapter}, trained on {bank.config.get('base_model')})")
+    work = os.path.join(args.work_dir, os.path.basename(os.path.normpath(args.model)))
+    gen = engine.make_generator(backend, model, tok, bank, args.model, work, dtype, args.max_prompt + args.max_new_tokens,
+                                args.seed, args.gpu_memory_utilization, args.sync)
 
     # ---- evaluate: base (v = 0) and/or adapter, on the same problems
-    report = dict(config=vars(a), protocol=protocol, backend=backend, device=dev, dtype=str(dtype), models={},
+    report = dict(config=vars(args), protocol=protocol, backend=backend, device=dev, dtype=str(dtype), models={},
                   problems={})
-    for label in (["base"] if not a.adapter or a.compare else []) + (["adapter"] if a.adapter else []):
+    for label in (["base"] if not args.adapter or args.compare else []) + (["adapter"] if args.adapter else []):
         if bank is not None:
             with torch.no_grad():
                 bank.v.copy_(trained if label == "adapter" else torch.zeros_like(trained))
             gen.push(bank)
-        report["problems"][label], report["models"][label] = run(gen, items, a, label)
-    if a.compare:
+        report["problems"][label], report["models"][label] = run(gen, items, args, label)
+    if args.compare:
         report["compare"] = {k: compare(report["problems"]["base"], report["problems"]["adapter"], k)
                              for k in ("strict", "flexible")}
-    print_report(report, a, len(items))
-    out = a.out or (os.path.join(os.path.dirname(a.adapter), f"eval-{os.path.basename(a.data)}.json") if a.adapter else "eval.json")
+    print_report(report, args, len(items))
+    out = args.out or (os.path.join(os.path.dirname(args.adapter), f"eval-{os.path.basename(args.data)}.json") if args.adapter else "eval.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=1, default=str)

@@ -19,7 +19,8 @@ Chosen where the paper is silent:
     checkpoint needs only v, the Adam moments and the step, and --resume is exact.
  4. lr 2e-3: the author's code scales ΔW by lora_alpha/r = 16 and uses R/√u, so his swept 1e-5 … 2e-4
     are 1.6e-4 … 3.2e-3 here; 2e-3 is an informed guess, not re-swept on a GPU. The CPU demo's 1e-2 is
-    the value an earlier prototype found to work (a 16× larger step collapsed correctness).
+    the value an earlier prototype found to work (a 16× larger step collapsed correctness). 5. The loss pass runs each prompt once per group and its G completions on its KV cache: the same
+    log-probs and gradient (tested) for a fraction of the token work (--no-shared-prompt to compare).
 """
 import argparse
 import functools
@@ -100,39 +101,35 @@ def parser():
 def get_args(argv=None):
     """Flags on top of the saved config (--resume) or a preset's values; then checked."""
     ap, argv = parser(), list(sys.argv[1:] if argv is None else argv)
-    a = ap.parse_args(argv)
-    if a.resume:
-        cfg_path = os.path.join(a.resume, "config.json")
+    args = ap.parse_args(argv)
+    if args.resume:
+        cfg_path = os.path.join(args.resume, "config.json")
         if not os.path.isfile(cfg_path):
-            raise ValueError(f"--resume {a.resume}: no config.json there")
+            raise ValueError(f"--resume {args.resume}: no config.json there")
         saved = json.load(open(cfg_path))
         saved.pop("resolved", None)  # re-resolved on this machine
         ap.set_defaults(**saved)
-    elif a.preset:
-        ap.set_defaults(**dict(PRESETS[a.preset], **(dict(model=SHARED_SMOL) if os.path.isfile(SHARED_SMOL) else {})))
-    a = ap.parse_args(argv)  # explicit flags still win
-    a.out = a.resume or a.out
-    check_args(a)
-    return a
+    elif args.preset:
+        ap.set_defaults(**dict(PRESETS[args.preset], **(dict(model=SHARED_SMOL) if os.path.isfile(SHARED_SMOL) else {})))
+    args = ap.parse_args(argv)  # explicit flags still win
+    args.out = args.resume or args.out
+    check_args(args)
+    return args
 
 
-def check_args(a):
-    if a.u is None and a.n_tie is None and a.params <= 0:
-        raise ValueError(f"--params must be positive, got {a.params}")
-    if (a.u is None) != (a.n_tie is None):
+def check_args(args):
+    if args.u is None and args.n_tie is None and args.params <= 0:
+        raise ValueError(f"--params must be positive, got {args.params}")
+    if (args.u is None) != (args.n_tie is None):
         raise ValueError("--u and --n-tie go together")
-    if a.batch_prompts % a.mini_batches:
-        raise ValueError(f"--batch-prompts {a.batch_prompts} is not divisible by --mini-batches {a.mini_batches}")
+    if args.batch_prompts % args.mini_batches:
+        raise ValueError(f"--batch-prompts {args.batch_prompts} is not divisible by --mini-batches {args.mini_batches}")
     for k in ("batch_prompts", "group_size", "max_new_tokens", "micro_batch", "mini_batches", "epochs"):
-        if getattr(a, k) < 1:
-            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(a, k)}")
-    if a.temperature <= 0:
-        raise ValueError(f"--temperature must be > 0 for sampling, got {a.temperature}")
-    if a.model.endswith(".gguf") and not os.path.isfile(a.model):
-        raise ValueError(f"model file not found: {a.model}")
-    engine.check_model(a.model)
-    if a.data.endswith(".jsonl") and not os.path.isfile(a.data):
-        raise ValueError(f"data file not found: {a.data}")
+        if getattr(args, k) < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0 for sampling, got {args.temperature}")
+    engine.check_paths(args.model, args.data)
 
 
 # ---- Loss: pure functions on tensors ------------------------------------------------------------------
@@ -283,11 +280,11 @@ def batch_at(items, step, B, seed):
     return [items[i] for i in perm[k * B:(k + 1) * B]]
 
 
-def heldout(gen, tok, a, step):
+def heldout(gen, tok, args, step):
     """Greedy strict/flexible accuracy on the first --eval-n held-out problems: a log row."""
-    rows, shots = task.load_task(a.data, "test")
-    items, t0 = task.prompt_ids(tok, rows[:a.eval_n], shots, a.max_prompt), time.time()
-    comps = gen.generate([p for _, p in items], 1, a.max_new_tokens, 0.0, a.seed)
+    rows, shots = task.load_task(args.data, "test")
+    items, t0 = task.prompt_ids(tok, rows[:args.eval_n], shots, args.max_prompt), time.time()
+    comps = gen.generate([p for _, p in items], 1, args.max_new_tokens, 0.0, args.seed)
     res = [task.score(c["text"], r["gold"], c["finished"], len(c["ids"])) for (r, _), c in zip(items, comps)]
     row = dict(kind="eval", step=step, n=len(items), seconds=time.time() - t0,
                **{k: sum(x[k] for x in res) / len(res) for k in ("strict", "flexible", "has_hash", "finished")})
@@ -297,72 +294,72 @@ def heldout(gen, tok, a, step):
 
 
 # ---- Setup: every bad input fails here, before anything is written -------------------------------------
-def setup(a):
+def setup(args):
     """(model, tok, bank, generator, training prompts, AdamW, start step, optimizer steps done)."""
-    dev, dtype, backend = engine.resolve_runtime(a.device, a.dtype, a.backend)
-    config = dict(vars(a), resolved=dict(device=dev, dtype=str(dtype), backend=backend))
+    dev, dtype, backend = engine.resolve_runtime(args.device, args.dtype, args.backend)
+    config = dict(vars(args), resolved=dict(device=dev, dtype=str(dtype), backend=backend))
     print(json.dumps(config, indent=1, default=str))
-    rows, shots = task.load_task(a.data, "train")
-    model, tok = engine.load_model(a.model, dtype=dtype, device=dev)
-    plan = dict(params=a.params) if a.u is None else dict(u=a.u, n_tie=a.n_tie)
-    bank = tinylora.apply_tinylora(model, r=a.r, tie=a.tie, targets=a.targets.split(","), seed=a.seed, svd=a.svd,
-                                   lora_xs=a.lora_xs, verbose=True, **plan)
-    bank.config["base_model"] = a.model
-    train = task.prompt_ids(tok, rows, shots, a.max_prompt)
-    if len(train) < a.batch_prompts:
-        raise ValueError(f"only {len(train)} training prompts fit in --max-prompt {a.max_prompt}, "
-                         f"fewer than --batch-prompts {a.batch_prompts}")
-    os.makedirs(a.out, exist_ok=True)
-    if not a.resume:  # every resolved value, saved with the run (and read back by --resume)
-        with open(os.path.join(a.out, "config.json"), "w") as f:
+    rows, shots = task.load_task(args.data, "train")
+    model, tok = engine.load_model(args.model, dtype=dtype, device=dev)
+    plan = dict(params=args.params) if args.u is None else dict(u=args.u, n_tie=args.n_tie)
+    bank = tinylora.apply_tinylora(model, r=args.r, tie=args.tie, targets=args.targets.split(","), seed=args.seed, svd=args.svd,
+                                   lora_xs=args.lora_xs, verbose=True, **plan)
+    bank.config["base_model"] = args.model
+    train = task.prompt_ids(tok, rows, shots, args.max_prompt)
+    if len(train) < args.batch_prompts:
+        raise ValueError(f"only {len(train)} training prompts fit in --max-prompt {args.max_prompt}, "
+                         f"fewer than --batch-prompts {args.batch_prompts}")
+    os.makedirs(args.out, exist_ok=True)
+    if not args.resume:  # every resolved value, saved with the run (and read back by --resume)
+        with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump({k: v for k, v in config.items() if k not in ("resume", "preset")}, f, indent=1, default=str)
-    gen = engine.make_generator(backend, model, tok, bank, a.model, a.out, dtype, a.max_prompt + a.max_new_tokens,
-                                a.seed, a.gpu_memory_utilization, a.sync)
-    opt = torch.optim.AdamW([bank.v], lr=a.lr, betas=tuple(a.betas), weight_decay=0.0)
-    ckpt = os.path.join(a.out, "checkpoint.safetensors")
-    start, opt_steps = engine.load_checkpoint(ckpt, bank, opt) if a.resume and os.path.isfile(ckpt) else (0, 0)
-    print(f"data: {len(train)} training prompts ({len(rows) - len(train)} over {a.max_prompt} tokens dropped)"
+    gen = engine.make_generator(backend, model, tok, bank, args.model, args.out, dtype, args.max_prompt + args.max_new_tokens,
+                                args.seed, args.gpu_memory_utilization, args.sync)
+    opt = torch.optim.AdamW([bank.v], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
+    ckpt = os.path.join(args.out, "checkpoint.safetensors")
+    start, opt_steps = engine.load_checkpoint(ckpt, bank, opt) if args.resume and os.path.isfile(ckpt) else (0, 0)
+    print(f"data: {len(train)} training prompts ({len(rows) - len(train)} over {args.max_prompt} tokens dropped)"
           + (f"; resumed at step {start}" if start else ""))
-    engine.recover_run(a.out, start)
+    engine.recover_run(args.out, start)
     return model, tok, bank, gen, train, opt, start, opt_steps
 
 
 # ---- The loop ------------------------------------------------------------------------------------------
 def main(argv=None):
-    a = get_args(argv)
-    model, tok, bank, gen, train, opt, start, opt_steps = setup(a)
-    total_steps = a.steps or a.epochs * (len(train) // a.batch_prompts)
-    total_opt, log, out = total_steps * a.mini_batches, os.path.join(a.out, "log.jsonl"), functools.partial(os.path.join, a.out)
-    update = functools.partial(policy_update, micro_batch=a.micro_batch, temperature=a.temperature, eps_low=a.eps_low,
-                               eps_high=a.eps_high, tis_cap=a.tis_cap, loss_agg=a.loss_agg, max_new=a.max_new_tokens,
-                               grad_clip=a.grad_clip, G=1 if a.no_shared_prompt else a.group_size,
-                               max_tokens=a.micro_tokens)
+    args = get_args(argv)
+    model, tok, bank, gen, train, opt, start, opt_steps = setup(args)
+    total_steps = args.steps or args.epochs * (len(train) // args.batch_prompts)
+    total_opt, log, out = total_steps * args.mini_batches, os.path.join(args.out, "log.jsonl"), functools.partial(os.path.join, args.out)
+    update = functools.partial(policy_update, micro_batch=args.micro_batch, temperature=args.temperature, eps_low=args.eps_low,
+                               eps_high=args.eps_high, tis_cap=args.tis_cap, loss_agg=args.loss_agg, max_new=args.max_new_tokens,
+                               grad_clip=args.grad_clip, G=1 if args.no_shared_prompt else args.group_size,
+                               max_tokens=args.micro_tokens)
     gen.push(bank)  # v = 0, or the resumed v
-    if a.eval_n and start == 0:
-        engine.append_jsonl(log, heldout(gen, tok, a, 0))
+    if args.eval_n and start == 0:
+        engine.append_jsonl(log, heldout(gen, tok, args, 0))
     from tqdm import tqdm
     for step in (bar := tqdm(range(start, total_steps), initial=start, total=total_steps, desc="grpo")):
         t0 = time.time()
         # ---- data: the step's B prompts, each repeated G times
-        batch = batch_at(train, step, a.batch_prompts, a.seed)  # [(row, prompt ids)] × B
-        prompts = [p for _, p in batch for _ in range(a.group_size)]  # (B·G) id lists
-        golds = [row["gold"] for row, _ in batch for _ in range(a.group_size)]
+        batch = batch_at(train, step, args.batch_prompts, args.seed)  # [(row, prompt ids)] × B
+        prompts = [p for _, p in batch for _ in range(args.group_size)]  # (B·G) id lists
+        golds = [row["gold"] for row, _ in batch for _ in range(args.group_size)]
 
         # ---- rollout: G samples per prompt from the generator, which holds W0 + ΔW
-        comps = gen.generate([p for _, p in batch], a.group_size, a.max_new_tokens, a.temperature, mix(a.seed, step + 1))
+        comps = gen.generate([p for _, p in batch], args.group_size, args.max_new_tokens, args.temperature, mix(args.seed, step + 1))
         t_gen = time.time() - t0
 
         # ---- reward and advantages
         r = torch.tensor([task.reward(c["text"], g, c["finished"]) for c, g in zip(comps, golds)])  # (B·G,)
-        A = group_advantages(r, a.group_size)  # (B·G,)
+        A = group_advantages(r, args.group_size)  # (B·G,)
 
         # ---- loss and step: PPO-clip through the unmerged adapter, TIS against the sampler's log-probs
         t1 = time.time()
         seqs = [(p, c["ids"]) for p, c in zip(prompts, comps)]
         roll = engine.padded_logprobs(comps)  # (B·G, C) the sampler's log-probs
-        lrs = [lr_at(opt_steps + m, total_opt, a.lr, a.warmup) for m in range(a.mini_batches)]
+        lrs = [lr_at(opt_steps + m, total_opt, args.lr, args.warmup) for m in range(args.mini_batches)]
         old, stats = update(model, bank, opt, seqs, A, roll, lrs)  # π_old (B·G, C)
-        opt_steps, t_train = opt_steps + a.mini_batches, time.time() - t1
+        opt_steps, t_train = opt_steps + args.mini_batches, time.time() - t1
 
         # ---- sync: the generator gets W0 + ΔW for the next rollout
         t2 = time.time()
@@ -370,20 +367,20 @@ def main(argv=None):
         t_sync = time.time() - t2
 
         # ---- log, then checkpoint (on resume, log rows past the checkpoint are dropped)
-        row = dict(kind="train", step=step + 1, **engine.step_metrics(r, a.group_size, comps, golds, old, roll, stats,
-                                                                      a.tis_cap),
+        row = dict(kind="train", step=step + 1, **engine.step_metrics(r, args.group_size, comps, golds, old, roll, stats,
+                                                                      args.tis_cap),
                    v_norm=bank.v.norm().item(), lr=lrs[-1], t_gen=t_gen, t_train=t_train, t_sync=t_sync,
                    t_step=time.time() - t0)
         engine.append_jsonl(log, row)
-        engine.save_checkpoint(out("checkpoint.safetensors"), bank, opt, step + 1, opt_steps, vars(a))
-        tinylora.save_adapter(bank, out("adapter.safetensors"), base_model=a.model)
+        engine.save_checkpoint(out("checkpoint.safetensors"), bank, opt, step + 1, opt_steps, vars(args))
+        tinylora.save_adapter(bank, out("adapter.safetensors"), base_model=args.model)
         bar.set_postfix(reward=f"{row['reward']:.2f}", gap=f"{row['logp_absgap']:.1e}", v=f"{row['v_norm']:.3f}")
-        if a.sample_every and (step + 1) % a.sample_every == 0:
+        if args.sample_every and (step + 1) % args.sample_every == 0:
             tqdm.write(f"--- step {step + 1} sample (reward {r[0]:.0f}, gold {golds[0]:g}):\n{comps[0]['text']}\n---")
 
-    tinylora.save_adapter(bank, out("adapter.safetensors"), base_model=a.model)  # also after a resume at the end
-    if a.eval_n:
-        engine.append_jsonl(log, heldout(gen, tok, a, total_steps))
+    tinylora.save_adapter(bank, out("adapter.safetensors"), base_model=args.model)  # also after a resume at the end
+    if args.eval_n:
+        engine.append_jsonl(log, heldout(gen, tok, args, total_steps))
     engine.plot_rewards(log, out("reward.png"))
     print(f"done: adapter {out('adapter.safetensors')} ({bank.num_params()} parameters)")
 
