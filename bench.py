@@ -5,6 +5,7 @@ Benchmark: this project's TinyLoRA against PEFT's TinyLoraConfig, measured side 
     python bench.py --size 7b --device cuda --dtype bfloat16   # a GPU (random weights, built from a config)
     python bench.py --sync-cost MODEL                     # vLLM push: merged weights vs the exact LoRA
     PYTHONPATH=<trl site> python bench.py --grpo-step MODEL  # the whole GRPO step: ours (vLLM, HF) vs TRL + PEFT
+    python bench.py --train-pass MODEL                    # the training pass alone, shared prompt or not, profiled
 
 Builds the model from a config (no download, random weights), then measures, in the same process:
 init time (SVD of every adapted module), forward and fwd+bwd step time as ratios to the same network
@@ -318,7 +319,41 @@ def grpo_step_bench(spec, steps=3):
     return res
 
 
+def train_pass_bench(spec, micro_batches=(8, 16, 32)):
+    """The training pass alone (forward + backward of the policy log-probs) on the CPU demo's shape: 8 arith
+    prompts (~150 tokens) × 8 completions of 20 tokens, with the prompt recomputed per sample and shared, per
+    micro-batch size; then torch.profiler's top operators of the shared pass."""
+    import engine
+    import task
+    import train_grpo
+    model, tok = engine.load_model(spec)
+    tinylora.apply_tinylora(model, params=13)
+    prompts = [p for _, p in task.prompt_ids(tok, task.arith_rows("train")[:8], task.ARITH_SHOTS, 512)]
+    g = torch.Generator().manual_seed(0)
+    seqs = [(p, torch.randint(100, 40000, (20,), generator=g).tolist()) for p in prompts for _ in range(8)]
+
+    def one_pass(G, mb):
+        t_fwd = t_bwd = 0.0
+        for s in range(0, len(seqs), mb):
+            t = time.perf_counter()
+            lp = train_grpo.token_logprobs(model, seqs[s:s + mb], 1.0, G=G)
+            t_fwd, t = t_fwd + time.perf_counter() - t, time.perf_counter()
+            lp.sum().backward()
+            t_bwd += time.perf_counter() - t
+        return t_fwd, t_bwd
+    print("| training pass, 8 prompts × 8 samples | forward, s | backward, s | total, s |\n| --- | --- | --- | --- |")
+    for G, mb in [(1, micro_batches[0])] + [(8, mb) for mb in micro_batches]:
+        one_pass(G, mb)  # warm-up
+        f, b = one_pass(G, mb)
+        print(f"| {'shared prompt' if G > 1 else 'prompt recomputed'}, micro-batch {mb} | {f:.1f} | {b:.1f} | {f + b:.1f} |")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        one_pass(8, micro_batches[0])
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=40))
+
+
 def main(argv=None):
+    if argv is None and sys.argv[1:2] == ["--train-pass"]:  # python bench.py --train-pass MODEL
+        return train_pass_bench(sys.argv[2])
     if argv is None and sys.argv[1:2] == ["--sync-cost"]:  # python bench.py --sync-cost MODEL
         return sync_bench(sys.argv[2])
     if argv is None and sys.argv[1:2] == ["--grpo-step"]:  # python bench.py --grpo-step MODEL [STEPS]
