@@ -352,15 +352,13 @@ def write_merged(model, tok, bank, out, dtype):
 def write_lora(bank, out, base_model=None):
     """ΔW as a standard PEFT LoRA folder (PEFT and vLLM read it): lora_A = Vᵀ, lora_B = U Σ R, alpha = r so
     the scale alpha/r is 1 and B A = ΔW exactly; fp32 tensors."""
-    from safetensors.torch import save_file
     os.makedirs(out, exist_ok=True)
     tensors = {}
     for name in bank.layers:
         A, B = bank.lora_AB(name)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.cpu()
-    save_file(tensors, os.path.join(out, "adapter_model.safetensors.tmp"))
-    os.replace(os.path.join(out, "adapter_model.safetensors.tmp"), os.path.join(out, "adapter_model.safetensors"))
+    tinylora.save_safetensors(tensors, os.path.join(out, "adapter_model.safetensors"))
     r = bank.config["r"]
     cfg = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model or bank.config.get("base_model"),
                r=r, lora_alpha=r, target_modules=list(bank.config["targets"]), lora_dropout=0.0, bias="none",
@@ -391,21 +389,21 @@ def export_main(cmd, argv):
     ap.add_argument("--out", required=True, help="a new or empty folder")
     if cmd == "merge":
         ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    a = ap.parse_args(argv)
-    tinylora.read_adapter(a.adapter)  # a bad adapter fails before the model loads
-    if os.path.isdir(a.out) and os.listdir(a.out) or os.path.isfile(a.out):
-        raise ValueError(f"--out {a.out} exists and is not empty: choose a new folder")
-    model, tok = load_model(a.model)  # fp32: the factors are those training computed (fp32 SVD)
-    bank = tinylora.load_adapter(model, a.adapter)  # refuses an adapter made for another base
+    args = ap.parse_args(argv)
+    tinylora.read_adapter(args.adapter)  # a bad adapter fails before the model loads
+    if os.path.isdir(args.out) and os.listdir(args.out) or os.path.isfile(args.out):
+        raise ValueError(f"--out {args.out} exists and is not empty: choose a new folder")
+    model, tok = load_model(args.model)  # fp32: the factors are those training computed (fp32 SVD)
+    bank = tinylora.load_adapter(model, args.adapter)  # refuses an adapter made for another base
     if cmd == "export-lora":
-        write_lora(bank, a.out, a.model)
+        write_lora(bank, args.out, args.model)
     else:
-        dtype = getattr(torch, a.dtype)
-        print(f"merged weights in {a.dtype} carry {delta_kept(bank, dtype):.1%} of ΔW "
+        dtype = getattr(torch, args.dtype)
+        print(f"merged weights in {args.dtype} carry {delta_kept(bank, dtype):.1%} of ΔW "
               f"(the rest is lost to rounding; export-lora keeps all of it)")
-        write_merged(model, tok, bank, a.out, dtype)
-    size = sum(os.path.getsize(os.path.join(a.out, f)) for f in os.listdir(a.out))
-    print(f"{cmd}: wrote {a.out} ({size:,} bytes)")
+        write_merged(model, tok, bank, args.out, dtype)
+    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
+    print(f"{cmd}: wrote {args.out} ({size:,} bytes)")
 
 
 # -----------------------------------------------------------------------------

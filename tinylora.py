@@ -290,11 +290,11 @@ def fingerprint(bank):
     return dict(arch=arch, sigma1=[float(f"{bank.layers[n].S[0].item():.6g}") for n in names])
 
 
-def save_safetensors(tensors, path, key, meta):
-    """tensors + JSON metadata under `key`, written to a temp file and renamed: never half a file."""
+def save_safetensors(tensors, path, key=None, meta=None):
+    """tensors (+ JSON metadata under `key`), written to a temp file and renamed: never half a file."""
     from safetensors.torch import save_file
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata={key: json.dumps(meta)})
+    save_file(tensors, tmp, metadata={key: json.dumps(meta)} if key else None)
     os.replace(tmp, path)
     return path
 
