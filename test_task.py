@@ -68,6 +68,37 @@ def test_arith_split_is_deterministic_and_disjoint():
     assert not {r["question"] for r in train} & {r["question"] for r in test}
     assert task.arith_rows("test") == test
     assert all(eval(r["question"][8:-1]) == r["gold"] for r in test)
+    assert all(task.extract_strict(r["solution"]) == r["gold"] for r in train + test)
+
+
+def test_shots_and_validation_come_from_train_and_are_never_trained_on():
+    train, shots = task.load_task("arith", "train", shots=3, val=50)
+    val, shots2 = task.load_task("arith", "val", shots=3, val=50)
+    test, shots3 = task.load_task("arith", "test", shots=3)
+    full = task.arith_rows("train")
+    assert shots == shots2 == shots3 == [(r["question"], r["solution"]) for r in full[:3]]
+    assert train + val == full[3:] and len(val) == 50
+    assert not {q for q, _ in shots} & {r["question"] for r in train + val + test}
+    assert task.load_task("arith", "train")[1] == [(r["question"], r["solution"]) for r in full[:2]]  # default K = 2
+    with pytest.raises(ValueError, match="leave nothing"):
+        task.load_task("arith", "train", shots=2, val=598)
+    with pytest.raises(ValueError, match="unknown split"):
+        task.load_task("arith", "dev")
+
+
+def test_gsm8k_solution_drops_calculator_annotations():
+    row = task.gsm8k_row({"question": "q?", "answer": "48/2 = <<48/2=24>>24 clips.\n#### 24"}, "x")
+    assert row == dict(question="q?", gold=24.0, solution="48/2 = 24 clips.\n#### 24")
+
+
+def test_prompt_is_the_shots_as_earlier_turns_in_one_format(smol_tok):
+    shots = task.load_task("arith", "test")[1]
+    p = task.build_prompt(smol_tok, "What is 2 + 2?", shots)
+    assert p.count("<|im_start|>user") == 3 and p.count("<|im_start|>assistant") == 3 and p.count(task.SUFFIX) == 3
+    assert all(a in p and task.extract_strict(a) == eval(q[8:-1]) for q, a in shots)  # solved, in the target format
+    assert p.index(shots[1][1]) < p.index("What is 2 + 2?") and p.endswith("<|im_start|>assistant\n")
+    zero = task.build_prompt(smol_tok, "What is 2 + 2?", [])
+    assert zero.count("<|im_start|>user") == 1 and "What is 2 + 2?" + task.SUFFIX in zero  # the paper's prompt
 
 
 
@@ -77,7 +108,8 @@ def test_arith_split_is_deterministic_and_disjoint():
 def test_jsonl_loader_reports_the_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"question": "q", "answer": "#### 3"}\n\n{"question": "q2", "answer": "x #### 4"}\n')
-    assert task.load_gsm8k(str(p), "train") == [dict(question="q", gold=3.0), dict(question="q2", gold=4.0)]
+    assert task.load_gsm8k(str(p), "train") == [dict(question="q", gold=3.0, solution="#### 3"),
+                                                  dict(question="q2", gold=4.0, solution="x #### 4")]
     for content, msg in [("", "no rows"), ('{"question": "q", "answer": "#### 1"}\n{oops\n', "line 2: not valid JSON"),
                          ('{"q": 1}\n', "line 1: needs"), ('{"question": "", "answer": "#### 1"}\n', "line 1: needs"),
                          ('{"question": "q", "answer": "#### ' + "9" * 400 + '"}\n', "line 1: needs")]:

@@ -303,7 +303,7 @@ def test_policy_update_changes_v_and_only_v(smol_tok, mini_batches):
     m = tiny_model("qwen2", vocab=len(smol_tok), layers=2)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     bank = tinylora.apply_tinylora(m, params=13)
-    prompts = [task.prompt_ids(smol_tok, [r], task.ARITH_SHOTS, 512)[0][1] for r in task.arith_rows("test")[:2]]
+    prompts = [task.prompt_ids(smol_tok, [r], task.load_task("arith", "test")[1], 512)[0][1] for r in task.arith_rows("test")[:2]]
     torch.manual_seed(0)
     comps = engine.generate_hf(m, smol_tok, prompts, 4, 8, 1.0, [smol_tok.eos_token_id])
     assert len(comps) == 8 and all(len(c["ids"]) == len(c["logprobs"]) for c in comps)
@@ -332,15 +332,15 @@ def test_batches_cover_each_epoch_once_and_depend_only_on_seed_and_step():
 
 # ---- end to end: CLI errors, bad data, and an exact resume after kill -9 ---------------------------------------
 
-def run(*argv, timeout=600):
+def run(*argv, timeout=600, script="train_grpo.py"):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "train_grpo.py", *argv], capture_output=True, text=True, cwd=HERE,
+    return subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, cwd=HERE,
                           env=env, timeout=timeout)
 
 
 @pytest.mark.parametrize("argv,msg", [
     (["--params", "0"], "must be positive"),
-    (["--batch-prompts", "5", "--mini-batches", "2"], "not divisible"),
+    (["--batch-prompts", "5", "--mini-batches", "2"], "does not split"),
     (["--model", "/nope/m.gguf"], "model file not found"),
     (["--data", "/nope/d.jsonl"], "data file not found"),
     (["--u", "1"], "go together"),

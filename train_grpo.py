@@ -33,6 +33,7 @@ import time
 import torch
 
 import engine
+import eval as evaluation
 import task
 import tinylora
 
@@ -42,6 +43,7 @@ PRESETS = {
                      max_new_tokens=40, max_prompt=512, steps=20, lr=1e-2, mini_batches=1, warmup=0.0,
                      eval_n=200, dtype="float32", out="runs/cpu-demo"),
 }
+PRESETS["cpu-sweep"] = dict(PRESETS["cpu-demo"], batch_prompts=4, max_new_tokens=32, steps=12, out="runs/cpu-sweep")  # sweep.py
 SHARED_SMOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "models",
                            "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -64,6 +66,8 @@ def parser():
     g = ap.add_argument_group("data")
     g.add_argument("--data", default="openai/gsm8k", help="openai/gsm8k, a .jsonl file, a folder, or 'arith'")
     g.add_argument("--max-prompt", type=int, default=512)
+    g.add_argument("--shots", type=int, default=None, help="solved train problems in the prompt (default: arith 2, else 0)")
+    g.add_argument("--val", type=int, default=0, help="last N training problems held out as a validation split")
     g = ap.add_argument_group("rollout")
     g.add_argument("--backend", default="auto", choices=["auto", "vllm", "hf"])
     g.add_argument("--batch-prompts", type=int, default=64, help="prompts per rollout batch")
@@ -95,6 +99,9 @@ def parser():
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eval-n", type=int, default=0, help="held-out problems scored greedily before and after (0 = off)")
     g.add_argument("--sample-every", type=int, default=5, help="print a sample completion every k steps")
+    g = ap.add_argument_group("scale-out (torchrun --nproc-per-node K train_grpo.py ...)")
+    g.add_argument("--dist-timeout", type=float, default=1800, help="seconds a rank waits for the others before failing")
+    g.add_argument("--tensor-parallel", type=int, default=1, help="GPUs per vLLM engine (vLLM's own tensor parallelism)")
     return ap
 
 
@@ -122,8 +129,12 @@ def check_args(args):
         raise ValueError(f"--params must be positive, got {args.params}")
     if (args.u is None) != (args.n_tie is None):
         raise ValueError("--u and --n-tie go together")
-    if args.batch_prompts % args.mini_batches:
-        raise ValueError(f"--batch-prompts {args.batch_prompts} is not divisible by --mini-batches {args.mini_batches}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; checked before anything starts
+    if args.batch_prompts % (args.mini_batches * world):
+        raise ValueError(f"--batch-prompts {args.batch_prompts} does not split into --mini-batches {args.mini_batches} "
+                         f"× {world} ranks of whole groups")
+    if args.tensor_parallel < 1 or world % args.tensor_parallel:
+        raise ValueError(f"--tensor-parallel {args.tensor_parallel} must divide the {world} ranks")
     for k in ("batch_prompts", "group_size", "max_new_tokens", "micro_batch", "mini_batches", "epochs"):
         if getattr(args, k) < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
@@ -139,17 +150,20 @@ def group_advantages(r, G, eps=1e-6):
     return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).view(-1) if G > 1 else r * 0
 
 
-def agg_weights(mask, mode, max_new):
-    """Per-token weights whose sum with a per-token loss gives the aggregate. mask (B, T) float.
+def agg_weights(mask, mode, max_new, n_tokens=None, n_seqs=None):
+    """Per-token weights whose sum with a per-token loss gives the aggregate. mask (B, T) float; n_tokens,
+    n_seqs: the mini-batch's totals over all ranks (default: this mask's), so a rank's share sums to its part.
 
     token-mean: Σ/Σmask (verl, paper) · seq-mean-token-mean: mean over sequences of per-sequence means
     (original GRPO; length-biased) · seq-mean-token-sum-norm: Σ/(B·max_new) (Dr. GRPO)."""
+    n_tokens = mask.sum().item() if n_tokens is None else n_tokens
+    n_seqs = mask.shape[0] if n_seqs is None else n_seqs
     if mode == "token-mean":
-        return mask / mask.sum().clamp_min(1)
+        return mask / max(n_tokens, 1)
     if mode == "seq-mean-token-mean":
-        return mask / mask.sum(1, keepdim=True).clamp_min(1) / mask.shape[0]
+        return mask / mask.sum(1, keepdim=True).clamp_min(1) / n_seqs
     if mode == "seq-mean-token-sum-norm":
-        return mask / (mask.shape[0] * max_new)
+        return mask / (n_seqs * max_new)
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
@@ -241,20 +255,24 @@ def policy_update(model, bank, opt, seqs, A, roll, lrs, micro_batch, temperature
                   loss_agg, max_new, grad_clip, G=1, max_tokens=0):
     """One rollout batch -> len(lrs) AdamW steps on v, one per mini-batch of whole groups.
     seqs: (prompt ids, completion ids) per sample, G per group (G > 1: each prompt computed once per pass);
-    A (N,); roll (N, C) the sampler's log-probs. Returns π_old (N, C) and the update's statistics."""
+    A (N,); roll (N, C) the sampler's log-probs. Returns π_old (N, C) and the update's statistics.
+    Under torchrun seqs are this rank's share of each mini-batch (engine.shard): the aggregation counts
+    every rank's tokens and v's gradient is summed over ranks, so the step is the one-process step."""
     N, C, M = len(seqs), roll.shape[1], len(lrs)
     mask = engine.completion_mask([len(c) for _, c in seqs], C)  # (N, C)
     old = old_logprobs(model, seqs, C, temperature, micro_batch, G, max_tokens) if M > 1 else torch.zeros(N, C)
     stats = dict(clip_low=0, clip_high=0, grad_norm=0.0)
     for m, lr in enumerate(lrs):
         rows = list(range(m * N // M, (m + 1) * N // M))
-        W = agg_weights(mask[rows], loss_agg, max_new)  # (len(rows), C): the aggregation over the mini-batch
+        W = agg_weights(mask[rows], loss_agg, max_new, engine.all_sum(mask[rows].sum().item()),
+                        engine.all_sum(len(rows)))  # (len(rows), C): the aggregation over the global mini-batch
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         lo, hi = accumulate_grad(model, seqs, rows, old, roll, A, W, mask[rows], micro_batch, temperature,
                                  eps_low, eps_high, tis_cap, fill_old=M == 1, G=G, max_tokens=max_tokens)
-        stats["clip_low"], stats["clip_high"] = stats["clip_low"] + lo, stats["clip_high"] + hi
+        engine.all_sum(bank.v.grad)
+        stats["clip_low"], stats["clip_high"] = stats["clip_low"] + engine.all_sum(lo), stats["clip_high"] + engine.all_sum(hi)
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_([bank.v], grad_clip).item()
         opt.step()
     return old, stats
@@ -280,27 +298,17 @@ def batch_at(items, step, B, seed):
     return [items[i] for i in perm[k * B:(k + 1) * B]]
 
 
-def heldout(gen, tok, args, step):
-    """Greedy strict/flexible accuracy on the first --eval-n held-out problems: a log row."""
-    rows, shots = task.load_task(args.data, "test")
-    items, t0 = task.prompt_ids(tok, rows[:args.eval_n], shots, args.max_prompt), time.time()
-    comps = gen.generate([p for _, p in items], 1, args.max_new_tokens, 0.0, args.seed)
-    res = [task.score(c["text"], r["gold"], c["finished"], len(c["ids"])) for (r, _), c in zip(items, comps)]
-    row = dict(kind="eval", step=step, n=len(items), seconds=time.time() - t0,
-               **{k: sum(x[k] for x in res) / len(res) for k in ("strict", "flexible", "has_hash", "finished")})
-    print(f"eval @ step {step}: strict {row['strict']:.1%}  flexible {row['flexible']:.1%}  "
-          f"'####' present {row['has_hash']:.1%}  ({row['seconds']:.0f}s)")
-    return row
-
-
 # ---- Setup: every bad input fails here, before anything is written -------------------------------------
-def setup(args):
-    """(model, tok, bank, generator, training prompts, AdamW, start step, optimizer steps done)."""
+def setup(args, loaded=None):
+    """(model, tok, bank, generator, training prompts, AdamW, start step, optimizer steps done).
+    loaded: (model, tok, generator) already built with the same --model/--dtype/--backend (sweep.py), or None."""
     dev, dtype, backend = engine.resolve_runtime(args.device, args.dtype, args.backend)
-    config = dict(vars(args), resolved=dict(device=dev, dtype=str(dtype), backend=backend))
-    print(json.dumps(config, indent=1, default=str))
-    rows, shots = task.load_task(args.data, "train")
-    model, tok = engine.load_model(args.model, dtype=dtype, device=dev)
+    rank, world, dev = engine.init_distributed(dev, args.dist_timeout)
+    config = dict(vars(args), resolved=dict(device=dev, dtype=str(dtype), backend=backend, world_size=world))
+    if rank == 0:
+        print(json.dumps(config, indent=1, default=str))
+    rows, shots = task.load_task(args.data, "train", args.shots, args.val)
+    model, tok = loaded[:2] if loaded else engine.load_model(args.model, dtype=dtype, device=dev)
     plan = dict(params=args.params) if args.u is None else dict(u=args.u, n_tie=args.n_tie)
     bank = tinylora.apply_tinylora(model, r=args.r, tie=args.tie, targets=args.targets.split(","), seed=args.seed, svd=args.svd,
                                    lora_xs=args.lora_xs, verbose=True, **plan)
@@ -310,43 +318,51 @@ def setup(args):
         raise ValueError(f"only {len(train)} training prompts fit in --max-prompt {args.max_prompt}, "
                          f"fewer than --batch-prompts {args.batch_prompts}")
     os.makedirs(args.out, exist_ok=True)
-    if not args.resume:  # every resolved value, saved with the run (and read back by --resume)
+    if not args.resume and rank == 0:  # every resolved value, saved with the run (and read back by --resume)
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump({k: v for k, v in config.items() if k not in ("resume", "preset")}, f, indent=1, default=str)
-    gen = engine.make_generator(backend, model, tok, bank, args.model, args.out, dtype, args.max_prompt + args.max_new_tokens,
-                                args.seed, args.gpu_memory_utilization, args.sync)
+    gen = loaded[2] if loaded else engine.make_generator(backend, model, tok, bank, args.model, args.out, dtype,
+                                                         args.max_prompt + args.max_new_tokens, args.seed,
+                                                         args.gpu_memory_utilization, args.sync, args.tensor_parallel)
     opt = torch.optim.AdamW([bank.v], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
     ckpt = os.path.join(args.out, "checkpoint.safetensors")
     start, opt_steps = engine.load_checkpoint(ckpt, bank, opt) if args.resume and os.path.isfile(ckpt) else (0, 0)
-    print(f"data: {len(train)} training prompts ({len(rows) - len(train)} over {args.max_prompt} tokens dropped)"
-          + (f"; resumed at step {start}" if start else ""))
-    engine.recover_run(args.out, start)
+    engine.broadcast_(bank.v)  # every rank starts from rank 0's v (its checkpoint, on a shared --out)
+    if rank == 0:
+        print(f"data: {len(train)} training prompts ({len(rows) - len(train)} over {args.max_prompt} tokens dropped)"
+              + (f"; resumed at step {start}" if start else "") + (f"; {world} ranks" if world > 1 else ""))
+        engine.recover_run(args.out, start)
+    engine.barrier()
     return model, tok, bank, gen, train, opt, start, opt_steps
 
 
 # ---- The loop ------------------------------------------------------------------------------------------
-def main(argv=None):
+def main(argv=None, loaded=None):
     args = get_args(argv)
-    model, tok, bank, gen, train, opt, start, opt_steps = setup(args)
+    model, tok, bank, gen, train, opt, start, opt_steps = setup(args, loaded)
     total_steps = args.steps or args.epochs * (len(train) // args.batch_prompts)
     total_opt, log, out = total_steps * args.mini_batches, os.path.join(args.out, "log.jsonl"), functools.partial(os.path.join, args.out)
     update = functools.partial(policy_update, micro_batch=args.micro_batch, temperature=args.temperature, eps_low=args.eps_low,
                                eps_high=args.eps_high, tis_cap=args.tis_cap, loss_agg=args.loss_agg, max_new=args.max_new_tokens,
                                grad_clip=args.grad_clip, G=1 if args.no_shared_prompt else args.group_size,
                                max_tokens=args.micro_tokens)
+    rank, world = engine.rank_world()
     gen.push(bank)  # v = 0, or the resumed v
     if args.eval_n and start == 0:
-        engine.append_jsonl(log, heldout(gen, tok, args, 0))
+        engine.append_jsonl(log, evaluation.heldout(gen, tok, args, 0))
     from tqdm import tqdm
-    for step in (bar := tqdm(range(start, total_steps), initial=start, total=total_steps, desc="grpo")):
+    for step in (bar := tqdm(range(start, total_steps), initial=start, total=total_steps, desc="grpo", disable=rank > 0)):
         t0 = time.time()
-        # ---- data: the step's B prompts, each repeated G times
-        batch = batch_at(train, step, args.batch_prompts, args.seed)  # [(row, prompt ids)] × B
-        prompts = [p for _, p in batch for _ in range(args.group_size)]  # (B·G) id lists
+        # ---- data: the step's B prompts (this rank's share of each mini-batch), each repeated G times
+        full = batch_at(train, step, args.batch_prompts, args.seed)  # [(row, prompt ids)] × B, every rank
+        mine = engine.shard(args.batch_prompts, rank, world, args.mini_batches)  # positions in the global batch
+        batch = [full[i] for i in mine]  # [(row, prompt ids)] × b
+        prompts = [p for _, p in batch for _ in range(args.group_size)]  # (b·G) id lists
         golds = [row["gold"] for row, _ in batch for _ in range(args.group_size)]
 
         # ---- rollout: G samples per prompt from the generator, which holds W0 + ΔW
-        comps = gen.generate([p for _, p in batch], args.group_size, args.max_new_tokens, args.temperature, mix(args.seed, step + 1))
+        comps = gen.generate([p for _, p in batch], args.group_size, args.max_new_tokens, args.temperature,
+                             mix(args.seed, step + 1), index=mine)
         t_gen = time.time() - t0
 
         # ---- reward and advantages
@@ -366,23 +382,29 @@ def main(argv=None):
         gen.push(bank)
         t_sync = time.time() - t2
 
-        # ---- log, then checkpoint (on resume, log rows past the checkpoint are dropped)
-        row = dict(kind="train", step=step + 1, **engine.step_metrics(r, args.group_size, comps, golds, old, roll, stats,
-                                                                      args.tis_cap),
-                   v_norm=bank.v.norm().item(), lr=lrs[-1], t_gen=t_gen, t_train=t_train, t_sync=t_sync,
-                   t_step=time.time() - t0)
+        # ---- log (every rank's samples, gathered), then checkpoint; rank 0 writes, on resume rows past the checkpoint go
+        r, comps, golds, old = engine.gather_step(r, comps, golds, old)
+        row = dict(kind="train", step=step + 1, **engine.step_metrics(r, args.group_size, comps, golds, old,
+                                                                      engine.padded_logprobs(comps), stats, args.tis_cap),
+                   v_norm=bank.v.norm().item(), v_checksum=engine.same_on_all_ranks(bank.v), lr=lrs[-1], t_gen=t_gen,
+                   t_train=t_train, t_sync=t_sync, t_step=time.time() - t0)
         engine.append_jsonl(log, row)
+        if rank > 0:
+            continue
         engine.save_checkpoint(out("checkpoint.safetensors"), bank, opt, step + 1, opt_steps, vars(args))
         tinylora.save_adapter(bank, out("adapter.safetensors"), base_model=args.model)
         bar.set_postfix(reward=f"{row['reward']:.2f}", gap=f"{row['logp_absgap']:.1e}", v=f"{row['v_norm']:.3f}")
         if args.sample_every and (step + 1) % args.sample_every == 0:
             tqdm.write(f"--- step {step + 1} sample (reward {r[0]:.0f}, gold {golds[0]:g}):\n{comps[0]['text']}\n---")
 
-    tinylora.save_adapter(bank, out("adapter.safetensors"), base_model=args.model)  # also after a resume at the end
     if args.eval_n:
-        engine.append_jsonl(log, heldout(gen, tok, args, total_steps))
-    engine.plot_rewards(log, out("reward.png"))
-    print(f"done: adapter {out('adapter.safetensors')} ({bank.num_params()} parameters)")
+        engine.append_jsonl(log, evaluation.heldout(gen, tok, args, total_steps))
+    if rank == 0:
+        tinylora.save_adapter(bank, out("adapter.safetensors"), base_model=args.model)  # also after a resume at the end
+        engine.plot_rewards(log, out("reward.png"))
+        print(f"done: adapter {out('adapter.safetensors')} ({bank.num_params()} parameters)")
+    engine.barrier()
+    return bank
 
 
 if __name__ == "__main__":
