@@ -18,6 +18,7 @@ Chosen where the paper is silent:
 import argparse
 import glob
 import json
+import logging
 import os
 import sys
 
@@ -198,7 +199,16 @@ def vllm_env():
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # tensors reach the worker as tensors
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # layerwise reload warns per un-pushed module
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # KV-cache size, preemption: worth seeing
+
+
+class PartialPushFilter(logging.Filter):
+    """Drops the two warnings vLLM 0.32's weight reload gives for every module a push leaves out (embeddings,
+    norms: we push only what ΔW changes, on purpose); every other warning passes."""
+    NOISE = ("Following weights were not loaded", "%s: Failed to load weights")
+
+    def filter(self, record):
+        return not str(record.msg).startswith(self.NOISE)
 
 
 def make_vllm(folder, dtype, max_model_len, seed, gpu_memory_utilization=0.4, lora_rank=None, tensor_parallel=1):
@@ -207,12 +217,14 @@ def make_vllm(folder, dtype, max_model_len, seed, gpu_memory_utilization=0.4, lo
     on its GPU, or with tensor_parallel > 1 one engine across each group of that many consecutive ranks."""
     vllm_env()
     from vllm import LLM
+    for h in logging.getLogger("vllm").handlers:  # records of vllm.* loggers reach these handlers
+        h.addFilter(PartialPushFilter())
     lora = {} if lora_rank is None else dict(enable_lora=True, max_loras=1, max_lora_rank=min(
         k for k in (1, 8, 16, 32, 64, 128, 256, 320, 512) if k >= lora_rank))  # the ranks vLLM 0.32 accepts
     rank, world = rank_world()
     dist = dict(distributed_executor_backend="external_launcher") if world > 1 else {}
     return LLM(model=folder, dtype=dtype, seed=seed + rank // tensor_parallel, max_model_len=max_model_len,
-               enforce_eager=True, logprobs_mode="processed_logprobs", gpu_memory_utilization=gpu_memory_utilization,
+               enforce_eager=not torch.cuda.is_available(),  # CUDA graphs survive a push: reload copies in place logprobs_mode="processed_logprobs", gpu_memory_utilization=gpu_memory_utilization,
                tensor_parallel_size=tensor_parallel, **dist, **lora)
 
 
@@ -512,6 +524,30 @@ def delta_kept(bank, dtype, every=1):
         kept += (((W0 + dW).to(dtype).float() - W0.to(dtype).float()) * dW).sum().item()
         total += dW.square().sum().item()
     return kept / total if total else 1.0
+
+
+def plan_main(argv=None):
+    """`python tinylora.py --model M --params 13`: the plan and its cost, from the config alone."""
+    ap = argparse.ArgumentParser(description="The TinyLoRA plan for a model (no weights read); exports: "
+                                             "'merge --help', 'export-lora --help'")
+    ap.add_argument("--model", required=True, help="hub id, local folder or .gguf file")
+    ap.add_argument("--params", type=int, default=13, help="exact number of trainable scalars")
+    ap.add_argument("--u", type=int, default=None, help="scalars per group (with --n-tie)")
+    ap.add_argument("--n-tie", type=int, default=None, help="modules per tile (with --u)")
+    ap.add_argument("--r", type=int, default=2, help="frozen SVD rank")
+    ap.add_argument("--tie", default="tiled", choices=["tiled", "structured"])
+    ap.add_argument("--targets", default=",".join(tinylora.DEFAULT_TARGETS))
+    ap.add_argument("--lora-xs", action="store_true", help="u = r², P = standard basis")
+    ap.add_argument("--map", action="store_true", help="also print the module -> group map")
+    args = ap.parse_args(argv)
+    found, targets = tinylora.find_targets(meta_model(args.model), tuple(args.targets.split(","))), args.targets.split(",")
+    params = None if args.u is not None or args.n_tie is not None else args.params  # --u/--n-tie replace it
+    u, groups = tinylora.make_plan([f[0] for f in found], [f[2] for f in found], args.r, params, args.u, args.n_tie,
+                                   args.tie, args.lora_xs)
+    print(f"{args.model}: " + tinylora.plan_text(len(found), targets, args.r, u, groups, args.tie, args.lora_xs))
+    if args.map:
+        for g, grp in enumerate(groups):
+            print(f"  group {g:3d} ({len(grp)}): {grp[0]} ... {grp[-1]}")
 
 
 def export_main(cmd, argv):

@@ -194,3 +194,26 @@ def prompt_ids(tok, rows, shots, max_prompt):
         if len(ids) <= max_prompt:
             out.append((row, ids))
     return out
+
+
+# -----------------------------------------------------------------------------
+# Schedules: any step's batch and learning rate follow from (seed, step), so --resume is exact
+
+
+def mix(seed, k):
+    """A seed for (run seed, epoch or step): 1000003 is a prime above any step count, so pairs never collide."""
+    return seed * 1000003 + k
+
+
+def batch_at(items, step, B, seed):
+    """The step's B items: epoch-wise permutations from (seed, epoch), so any step can be recomputed."""
+    epoch, k = divmod(step, len(items) // B)
+    perm = list(range(len(items)))
+    random.Random(mix(seed, epoch)).shuffle(perm)
+    return [items[i] for i in perm[k * B:(k + 1) * B]]
+
+
+def lr_at(step, total, lr, warmup_frac):
+    """Linear warm-up over the first warmup_frac of optimizer steps, then constant (verl)."""
+    w = max(1, round(warmup_frac * total))
+    return lr * min(1.0, (step + 1) / w)

@@ -183,3 +183,28 @@ def test_vllm_lora_push_matches_trainer_logprobs(tiny_folder, smol_tok, tmp_path
     stale = gap()  # vLLM still holds the zero LoRA
     gen.push(bank)
     assert gap() < 1e-3 < stale
+
+
+def test_only_the_partial_push_warnings_are_filtered():
+    import logging
+    f = engine.PartialPushFilter()
+    rec = lambda msg, *a: logging.LogRecord("vllm.x", logging.WARNING, "f", 1, msg, a, None)  # noqa: E731
+    assert not f.filter(rec("Following weights were not loaded from checkpoint: %s", {"a"}))
+    assert not f.filter(rec("%s: Failed to load weights", "RMSNorm"))
+    assert f.filter(rec("Allocating %.1f MB of device memory to buffers", 3.0)) and f.filter(rec("KV cache is full"))
+
+
+def test_vllm_requests_carry_one_seed_per_prompt_when_seeds_are_given():
+    """On CUDA each prompt is its own seeded request (vLLM's GPU runner ignores torch's seed); on CPU none is."""
+    pytest.importorskip("vllm")
+
+    class Recorder:  # stands in for vllm.LLM to read the requests it is handed (no engine needed for this)
+        def generate(self, prompts, sp, **kw):
+            self.sp = sp
+            return []
+
+    llm = Recorder()
+    engine.generate_vllm(llm, None, [[1, 2], [3]], 4, 5, 1.0, [0], seeds=engine.row_seeds(7, [2, 5], 1))
+    assert [s.seed for s in llm.sp] == engine.row_seeds(7, [2, 5], 1) and all(s.n == 4 for s in llm.sp)
+    engine.generate_vllm(llm, None, [[1, 2], [3]], 4, 5, 1.0, [0])
+    assert llm.sp.seed is None

@@ -425,6 +425,49 @@ def test_randomized_svd_is_deterministic_and_leaves_global_rng_alone():
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and torch.equal(torch.rand(1), after)
 
 
+def test_randomized_svd_is_the_subspace_iteration_on_a_cpu_sketch_and_ignores_the_global_rng():
+    """The factors equal an fp64 reference that draws the same sketch explicitly (a CPU generator seeded
+    by the seed alone: the same numbers on any device), whatever the global RNG state."""
+    W = torch.randn(60, 45) @ torch.diag(torch.linspace(3, 1, 45))  # (out, in)
+    r, q, niter, seed = 2, 2 + T.RANDOMIZED_OVERSAMPLE, T.RANDOMIZED_NITER, 5
+    torch.manual_seed(999)
+    U, S, V = T.svd_factors(W, r, "randomized", seed=seed)
+    omega = torch.randn(45, q, generator=torch.Generator().manual_seed(seed)).double()  # the sketch, drawn here
+    Wd = W.double()
+    Q = torch.linalg.qr(Wd @ omega).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(Wd.T @ Q).Q
+        Q = torch.linalg.qr(Wd @ Q).Q
+    Ub, Sr, Vh = torch.linalg.svd(Q.T @ Wd, full_matrices=False)
+    Ur, Vr = T.canonical_signs((Q @ Ub)[:, :r], Vh[:r].T)
+    assert torch.allclose(S.double(), Sr[:r], rtol=1e-5)
+    assert torch.allclose(U.double(), Ur, atol=1e-5) and torch.allclose(V.double(), Vr, atol=1e-5)
+
+
+def test_fingerprint_refuses_other_factors_and_keeps_its_own(tmp_path):
+    m, bank = trained_tiny(13)
+    good = T.save_adapter(bank, str(tmp_path / "a.safetensors"))
+    v, c = T.read_adapter(good)
+    T.remove_tinylora(m)
+    assert torch.equal(T.load_adapter(m, good).v, v)  # the same base, rebuilt: accepted
+    T.remove_tinylora(m)
+    # factors from another sketch (what a CUDA-drawn sketch gave): σ₁ agrees, the probes do not
+    other = T.apply_tinylora(m, params=13, seed=0)
+    L = next(iter(other.layers.values()))
+    U0, V0 = L.U.clone(), L.V.clone()
+    c2, s2 = math.cos(0.02), math.sin(0.02)  # a 0.02 rad turn of (u₁, u₂), (v₁, v₂): Σ, so σ₁, untouched
+    turn = torch.tensor([[c2, s2], [-s2, c2]])
+    L.U.copy_(U0 @ turn), L.V.copy_(V0 @ turn)
+    assert T.fingerprint(other)["sigma1"] == c["fingerprint"]["sigma1"]
+    with pytest.raises(ValueError, match="different SVD factors"):
+        T.check_fingerprint(c["fingerprint"], T.fingerprint(other), good)
+    L.U.copy_(U0), L.V.copy_(V0 + 1e-2 * torch.randn_like(V0) / V0.shape[0] ** 0.5)  # a 1e-2 change in one V
+    with pytest.raises(ValueError, match="different SVD factors"):
+        T.check_fingerprint(c["fingerprint"], T.fingerprint(other), good)
+    L.V.copy_(V0)
+    T.check_fingerprint(c["fingerprint"], T.fingerprint(other), good)
+
+
 # CLI ---------------------------------------------------------------------------------------------------
 
 def run_cli(*args):

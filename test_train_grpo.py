@@ -61,8 +61,8 @@ def test_tis_weight_caps_at_2_and_carries_no_gradient():
 
 
 def test_lr_warmup_then_constant():
-    assert [tg.lr_at(s, 100, 1.0, 0.05) for s in (0, 1, 4, 5, 50)] == [0.2, 0.4, 1.0, 1.0, 1.0]
-    assert tg.lr_at(0, 10, 1.0, 0.0) == 1.0
+    assert [task.lr_at(s, 100, 1.0, 0.05) for s in (0, 1, 4, 5, 50)] == [0.2, 0.4, 1.0, 1.0, 1.0]
+    assert task.lr_at(0, 10, 1.0, 0.0) == 1.0
 
 
 # ---- the loss, token by token: an obviously-correct reference --------------------------------------------
@@ -324,10 +324,10 @@ def test_policy_update_changes_v_and_only_v(smol_tok, mini_batches):
 
 def test_batches_cover_each_epoch_once_and_depend_only_on_seed_and_step():
     items = list(range(10))
-    epoch0 = [x for s in range(5) for x in tg.batch_at(items, s, 2, 0)]
+    epoch0 = [x for s in range(5) for x in task.batch_at(items, s, 2, 0)]
     assert sorted(epoch0) == items and epoch0 != items  # a permutation, not the file order
-    assert tg.batch_at(items, 7, 2, 0) == tg.batch_at(items, 7, 2, 0) != tg.batch_at(items, 7, 2, 1)
-    assert sorted(x for s in range(5, 10) for x in tg.batch_at(items, s, 2, 0)) == items
+    assert task.batch_at(items, 7, 2, 0) == task.batch_at(items, 7, 2, 0) != task.batch_at(items, 7, 2, 1)
+    assert sorted(x for s in range(5, 10) for x in task.batch_at(items, s, 2, 0)) == items
 
 
 # ---- end to end: CLI errors, bad data, and an exact resume after kill -9 ---------------------------------------
@@ -420,3 +420,10 @@ def test_resume_after_kill_9_and_a_torn_write_equals_the_uninterrupted_run(answe
     p = run("--resume", str(part))
     assert p.returncode == 0 and run_state(part)[3] == want[3]
     assert (full / "reward.png").stat().st_size > 1000
+
+
+def test_the_gpu_recipe_on_a_machine_without_a_gpu_is_refused_before_anything_loads(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no GPU here.*--preset cpu-demo.*--device cpu"):
+        tg.get_args(["--params", "13"])
+    assert tg.get_args(["--params", "13", "--preset", "cpu-demo"]).model != "Qwen/Qwen2.5-7B-Instruct"

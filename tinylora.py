@@ -13,14 +13,14 @@ Choices made where the paper is silent (the measurements behind them: README, "D
  2. P ~ N(0, 1)/√u from a CPU generator seeded by sha256(seed, module name): the same on every device.
  3. v is fp32 and zero-initialised: step 0 is bit-identical to the base; the gradient flows through P.
  4. SVD in fp32 with canonical signs (R is not sign-invariant); randomized by default (q = r + 32, 20
-    power iterations), because these spectra are flat and common settings miss σ by up to 6%.
+    power iterations), because these spectra are flat and common settings miss σ by up to 6%; its
+    sketch comes from a CPU generator, so a GPU and a laptop build the same U, V (checked on load).
  5. params=N: the smallest u dividing N with N/u ≤ modules, in N/u contiguous balanced groups; or u and
     n_tie (the paper's tiles); "structured" ties one module type across consecutive layers.
  6. Merged weights W0 + ΔW are computed in fp32 from the untouched W0 and cast once, never in place.
  7. The adapter file is v + JSON metadata (safetensors); the base's fingerprint refuses another model.
  8. ΔW = B A with A = Vᵀ, B = U Σ R is an exact rank-r LoRA: `export-lora` writes it with no approximation.
 """
-import argparse
 import hashlib
 import itertools
 import json
@@ -37,6 +37,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 ORIENTATION = "dW = U diag(S) R V^T, R = sum_i v_i P_i"
 RANDOMIZED_OVERSAMPLE, RANDOMIZED_NITER = 32, 20
 SIGMA_RTOL = 2e-3  # fingerprint tolerance: bf16 vs fp32 weights and SVD method move σ₁ by < 1e-4 (README)
+FACTOR_ATOL = 2e-3  # factor probes: fp32 round-off moves them by ~1e-5; a 1e-2 change in U or V by ~1e-2
 
 
 # ---- Math: small pure functions named after the paper's symbols ------------------------------------
@@ -57,14 +58,28 @@ def svd_factors(W, r, method="randomized", seed=0, oversample=RANDOMIZED_OVERSAM
         U, S, V = U[:, :r], S[:r], Vh[:r].T
     elif method == "randomized":
         q = min(r + oversample, min(W.shape))
-        with torch.random.fork_rng(devices=[W.device] if W.device.type == "cuda" else []):  # global RNG
-            torch.manual_seed(seed)
-            U, S, V = torch.svd_lowrank(W, q=q, niter=niter)
+        U, S, V = randomized_svd(W, sketch(W.shape[1], q, seed).to(W.device), niter)
         U, S, V = U[:, :r], S[:r], V[:, :r]
     else:
         raise ValueError(f"unknown SVD method {method!r} (use 'exact' or 'randomized')")
     U, V = canonical_signs(U, V)
     return U.contiguous(), S.contiguous(), V.contiguous()
+
+
+def sketch(n, q, seed):
+    """Ω (n, q) ~ N(0, 1) from a CPU generator, so the factors are the same on every device (torch.svd_lowrank
+    draws from the device's generator: a GPU and a CPU rebuild then differ by ~1e-2)."""
+    return torch.randn(n, q, generator=torch.Generator().manual_seed(seed))
+
+
+def randomized_svd(W, omega, niter):
+    """Subspace iteration (Halko et al. 2011, Alg. 4.4; what torch.svd_lowrank runs) from the sketch Ω (in, q):
+    Q spans W Ω refined niter times through WᵀQ, then the small SVD of QᵀW. -> U (out, q), S (q,), V (in, q)."""
+    Q = torch.linalg.qr(W @ omega).Q  # (out, q)
+    for _ in range(niter):
+        Q = torch.linalg.qr(W @ torch.linalg.qr(W.T @ Q).Q).Q
+    Ub, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)  # (q, q), (q,), (q, in)
+    return Q @ Ub, S, Vh.T
 
 
 def stable_seed(seed, name):
@@ -283,11 +298,19 @@ def remove_tinylora(model):
 
 # ---- The adapter file: v (fp32 or bf16) + JSON metadata in the safetensors header, never pickled --
 def fingerprint(bank):
-    """Identifies the base weights: names, shapes and σ₁ of every adapted module (robust to dtype/SVD)."""
+    """Identifies the base and its factors: names, shapes, σ₁ and fixed random probes √m·gᵀuᵢ, √n·hᵀvᵢ of every
+    module (O(1) values that move as U, V do: another sketch or SVD shows, fp32 round-off does not)."""
     names = list(bank.layers)
     shapes = [list(bank.layers[n].base.weight.shape) for n in names]
     arch = hashlib.sha256(json.dumps([names, shapes]).encode()).hexdigest()[:16]
-    return dict(arch=arch, sigma1=[float(f"{bank.layers[n].S[0].item():.6g}") for n in names])
+    probes = []
+    for n in names:
+        L = bank.layers[n]
+        gen = torch.Generator().manual_seed(stable_seed(0, n + "/probe"))
+        g, h = (torch.nn.functional.normalize(torch.randn(k, generator=gen), dim=0) for k in (L.U.shape[0], L.V.shape[0]))
+        p = torch.cat([g @ L.U.detach().float().cpu() * g.numel() ** 0.5, h @ L.V.detach().float().cpu() * h.numel() ** 0.5])
+        probes.append([float(f"{x:.6g}") for x in p.tolist()])
+    return dict(arch=arch, sigma1=[float(f"{bank.layers[n].S[0].item():.6g}") for n in names], factors=probes)
 
 
 def save_safetensors(tensors, path, key=None, meta=None):
@@ -344,6 +367,11 @@ def check_fingerprint(expected, got, path=""):
     if rel > SIGMA_RTOL:
         raise ValueError(f"{path}: adapter was made for different base weights "
                          f"(singular values differ by up to {rel:.2%}, tolerance {SIGMA_RTOL:.1%})")
+    if "factors" in expected:  # files written before the factor probes are checked on σ₁ only
+        d = (torch.tensor(expected["factors"]) - torch.tensor(got["factors"])).abs().max().item()
+        if d > FACTOR_ATOL:
+            raise ValueError(f"{path}: adapter was made with different SVD factors U, V (probes differ by {d:.2g}, "
+                             f"tolerance {FACTOR_ATOL:g}): another SVD, sketch or base weights")
 
 
 def load_adapter(model, path):
@@ -365,32 +393,8 @@ def load_adapter(model, path):
     return bank
 
 
-# ---- Command line: the plan (reads no weights); `merge` and `export-lora` (engine.py) ------------
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="The TinyLoRA plan for a model (no weights read); exports: "
-                                             "'merge --help', 'export-lora --help'")
-    ap.add_argument("--model", required=True, help="hub id, local folder or .gguf file")
-    ap.add_argument("--params", type=int, default=13, help="exact number of trainable scalars")
-    ap.add_argument("--u", type=int, default=None, help="scalars per group (with --n-tie)")
-    ap.add_argument("--n-tie", type=int, default=None, help="modules per tile (with --u)")
-    ap.add_argument("--r", type=int, default=2, help="frozen SVD rank")
-    ap.add_argument("--tie", default="tiled", choices=["tiled", "structured"])
-    ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS))
-    ap.add_argument("--lora-xs", action="store_true", help="u = r², P = standard basis")
-    ap.add_argument("--map", action="store_true", help="also print the module -> group map")
-    args = ap.parse_args(argv)
-    from engine import meta_model
-    found, targets = find_targets(meta_model(args.model), tuple(args.targets.split(","))), args.targets.split(",")
-    params = None if args.u is not None or args.n_tie is not None else args.params  # --u/--n-tie replace it
-    u, groups = make_plan([f[0] for f in found], [f[2] for f in found], args.r, params, args.u, args.n_tie,
-                          args.tie, args.lora_xs)
-    print(f"{args.model}: " + plan_text(len(found), targets, args.r, u, groups, args.tie, args.lora_xs))
-    if args.map:
-        for g, grp in enumerate(groups):
-            print(f"  group {g:3d} ({len(grp)}): {grp[0]} ... {grp[-1]}")
-
-
+# ---- Command line (engine.py): the plan, `merge` and `export-lora` ------------------------------------
 if __name__ == "__main__":
-    from engine import export_main, run_cli
+    from engine import export_main, plan_main, run_cli
     export = sys.argv[1:2] in (["merge"], ["export-lora"])
-    run_cli(lambda: export_main(sys.argv[1], sys.argv[2:]) if export else main())
+    run_cli(lambda: export_main(sys.argv[1], sys.argv[2:]) if export else plan_main())

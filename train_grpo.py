@@ -4,6 +4,7 @@ GRPO with TinyLoRA: train a few scalars with an exact-match reward, rollouts on 
     python train_grpo.py --params 13                      # the paper's GSM8K recipe (GPU, Qwen2.5-7B-Instruct)
     python train_grpo.py --params 13 --preset cpu-demo    # ~15 min on a 2-core CPU: SmolLM2-135M, arithmetic
     python train_grpo.py --resume runs/cpu-demo            # continue a run exactly where it stopped
+    torchrun --nproc-per-node 8 train_grpo.py --params 13  # data parallel: the same update, 8× the rollouts
 
 One step: data -> rollout (vLLM or HF generate, on W0 + ΔW) -> reward -> group advantages -> PPO-clip loss
 through the true unmerged adapter (only v has gradients) -> AdamW step(s) -> push W0 + ΔW to the
@@ -15,18 +16,19 @@ Chosen where the paper is silent:
     the update pass itself); truncated importance sampling multiplies each token's loss by
     min(π_old/π_rollout, 2), π_rollout being the sampler's own log-probs.
  2. A = (r − mean_group)/(std_group + ε), std unbiased as in verl; a constant group gives A = 0.
- 3. Data order: a permutation per epoch from (seed, epoch); sampling is seeded from (seed, step). So a
-    checkpoint needs only v, the Adam moments and the step, and --resume is exact.
+ 3. Data order: a permutation per epoch from (seed, epoch); each completion is sampled from (seed, step, its
+    place in the batch). So a checkpoint needs only v, the Adam moments and the step: --resume is exact,
+    on any number of ranks (torchrun: each rank takes whole groups of every mini-batch; v's gradient is summed).
  4. lr 2e-3: the author's code scales ΔW by lora_alpha/r = 16 and uses R/√u, so his swept 1e-5 … 2e-4
     are 1.6e-4 … 3.2e-3 here; 2e-3 is an informed guess, not re-swept on a GPU. The CPU demo's 1e-2 is
-    the value an earlier prototype found to work (a 16× larger step collapsed correctness). 5. The loss pass runs each prompt once per group and its G completions on its KV cache: the same
+    the value an earlier prototype found to work (a 16× larger step collapsed correctness).
+ 5. The loss pass runs each prompt once per group and its G completions on its KV cache: the same
     log-probs and gradient (tested) for a fraction of the token work (--no-shared-prompt to compare).
 """
 import argparse
 import functools
 import json
 import os
-import random
 import sys
 import time
 
@@ -110,12 +112,9 @@ def get_args(argv=None):
     ap, argv = parser(), list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     if args.resume:
-        cfg_path = os.path.join(args.resume, "config.json")
-        if not os.path.isfile(cfg_path):
+        if not os.path.isfile(cfg_path := os.path.join(args.resume, "config.json")):
             raise ValueError(f"--resume {args.resume}: no config.json there")
-        saved = json.load(open(cfg_path))
-        saved.pop("resolved", None)  # re-resolved on this machine
-        ap.set_defaults(**saved)
+        ap.set_defaults(**{k: v for k, v in json.load(open(cfg_path)).items() if k != "resolved"})  # re-resolved here
     elif args.preset:
         ap.set_defaults(**dict(PRESETS[args.preset], **(dict(model=SHARED_SMOL) if os.path.isfile(SHARED_SMOL) else {})))
     args = ap.parse_args(argv)  # explicit flags still win
@@ -140,6 +139,9 @@ def check_args(args):
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
     if args.temperature <= 0:
         raise ValueError(f"--temperature must be > 0 for sampling, got {args.temperature}")
+    if args.device == "auto" and args.model == parser().get_default("model") and not torch.cuda.is_available():
+        raise ValueError("no GPU here: the paper's recipe would load Qwen2.5-7B in fp32 on the CPU; try --preset "
+                         "cpu-demo, or pass --device cpu to insist")
     engine.check_paths(args.model, args.data)
 
 
@@ -190,12 +192,10 @@ def grpo_loss(logp, old, roll, A, w, mask, eps_low, eps_high, tis_cap):
 
 
 def token_logprobs(model, seqs, temperature, G=1):
-    """log π of every completion token through the adapter, with grad: (b, c) right-padded.
-    seqs: (prompt ids, completion ids) pairs; with G > 1, consecutive groups of G that share a prompt.
-    G = 1: one pass over prompt + completion, prompts left-padded so completions start at one column.
-    G > 1: each distinct prompt runs once (with grad: v changes its keys and values too) and its G
-    completions run against its KV cache, repeated G times (transformers' DynamicCache.batch_repeat_interleave,
-    public API, pinned in requirements): (Lp + G·C)/(G·(Lp + C)) of the token work, the same log-probs."""
+    """log π of every completion token through the adapter, with grad: (b, c) right-padded. seqs: (prompt ids,
+    completion ids); G = 1: one pass over prompt + completion (prompts left-padded). G > 1: consecutive groups of
+    G share a prompt, which runs once (with grad: v changes its keys and values too); its G completions run on its
+    KV cache repeated G times (transformers' DynamicCache.batch_repeat_interleave): (Lp + G·C)/(G·(Lp + C)) of the work."""
     dev = next(model.parameters()).device
     Lp, C = max(len(p) for p, _ in seqs), max(len(c) for _, c in seqs)
     y = torch.tensor([c + [0] * (C - len(c)) for _, c in seqs], device=dev)  # (b, C) completion ids
@@ -278,26 +278,6 @@ def policy_update(model, bank, opt, seqs, A, roll, lrs, micro_batch, temperature
     return old, stats
 
 
-def lr_at(step, total, lr, warmup_frac):
-    """Linear warm-up over the first warmup_frac of optimizer steps, then constant (verl)."""
-    w = max(1, round(warmup_frac * total))
-    return lr * min(1.0, (step + 1) / w)
-
-
-# ---- Data order and the held-out check ------------------------------------------------------------------
-def mix(seed, k):
-    """A seed for (run seed, epoch or step): 1000003 is a prime above any step count, so pairs never collide."""
-    return seed * 1000003 + k
-
-
-def batch_at(items, step, B, seed):
-    """The step's B items: epoch-wise permutations from (seed, epoch), so any step can be recomputed."""
-    epoch, k = divmod(step, len(items) // B)
-    perm = list(range(len(items)))
-    random.Random(mix(seed, epoch)).shuffle(perm)
-    return [items[i] for i in perm[k * B:(k + 1) * B]]
-
-
 # ---- Setup: every bad input fails here, before anything is written -------------------------------------
 def setup(args, loaded=None):
     """(model, tok, bank, generator, training prompts, AdamW, start step, optimizer steps done).
@@ -342,10 +322,7 @@ def main(argv=None, loaded=None):
     model, tok, bank, gen, train, opt, start, opt_steps = setup(args, loaded)
     total_steps = args.steps or args.epochs * (len(train) // args.batch_prompts)
     total_opt, log, out = total_steps * args.mini_batches, os.path.join(args.out, "log.jsonl"), functools.partial(os.path.join, args.out)
-    update = functools.partial(policy_update, micro_batch=args.micro_batch, temperature=args.temperature, eps_low=args.eps_low,
-                               eps_high=args.eps_high, tis_cap=args.tis_cap, loss_agg=args.loss_agg, max_new=args.max_new_tokens,
-                               grad_clip=args.grad_clip, G=1 if args.no_shared_prompt else args.group_size,
-                               max_tokens=args.micro_tokens)
+    update = functools.partial(policy_update, **update_flags(args))
     rank, world = engine.rank_world()
     gen.push(bank)  # v = 0, or the resumed v
     if args.eval_n and start == 0:
@@ -354,7 +331,7 @@ def main(argv=None, loaded=None):
     for step in (bar := tqdm(range(start, total_steps), initial=start, total=total_steps, desc="grpo", disable=rank > 0)):
         t0 = time.time()
         # ---- data: the step's B prompts (this rank's share of each mini-batch), each repeated G times
-        full = batch_at(train, step, args.batch_prompts, args.seed)  # [(row, prompt ids)] × B, every rank
+        full = task.batch_at(train, step, args.batch_prompts, args.seed)  # [(row, prompt ids)] × B, every rank
         mine = engine.shard(args.batch_prompts, rank, world, args.mini_batches)  # positions in the global batch
         batch = [full[i] for i in mine]  # [(row, prompt ids)] × b
         prompts = [p for _, p in batch for _ in range(args.group_size)]  # (b·G) id lists
@@ -362,7 +339,7 @@ def main(argv=None, loaded=None):
 
         # ---- rollout: G samples per prompt from the generator, which holds W0 + ΔW
         comps = gen.generate([p for _, p in batch], args.group_size, args.max_new_tokens, args.temperature,
-                             mix(args.seed, step + 1), index=mine)
+                             task.mix(args.seed, step + 1), index=mine)
         t_gen = time.time() - t0
 
         # ---- reward and advantages
@@ -373,7 +350,7 @@ def main(argv=None, loaded=None):
         t1 = time.time()
         seqs = [(p, c["ids"]) for p, c in zip(prompts, comps)]
         roll = engine.padded_logprobs(comps)  # (B·G, C) the sampler's log-probs
-        lrs = [lr_at(opt_steps + m, total_opt, args.lr, args.warmup) for m in range(args.mini_batches)]
+        lrs = [task.lr_at(opt_steps + m, total_opt, args.lr, args.warmup) for m in range(args.mini_batches)]
         old, stats = update(model, bank, opt, seqs, A, roll, lrs)  # π_old (B·G, C)
         opt_steps, t_train = opt_steps + args.mini_batches, time.time() - t1
 
@@ -397,12 +374,24 @@ def main(argv=None, loaded=None):
         if args.sample_every and (step + 1) % args.sample_every == 0:
             tqdm.write(f"--- step {step + 1} sample (reward {r[0]:.0f}, gold {golds[0]:g}):\n{comps[0]['text']}\n---")
 
+    return finish(args, gen, tok, bank, total_steps)
+
+
+def update_flags(args):
+    return dict(micro_batch=args.micro_batch, temperature=args.temperature, eps_low=args.eps_low, eps_high=args.eps_high,
+                tis_cap=args.tis_cap, loss_agg=args.loss_agg, max_new=args.max_new_tokens, grad_clip=args.grad_clip,
+                G=1 if args.no_shared_prompt else args.group_size, max_tokens=args.micro_tokens)
+
+
+def finish(args, gen, tok, bank, total_steps):
+    """The held-out check, the adapter (also after resuming a finished run) and the reward plot."""
+    log, adapter = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "adapter.safetensors")
     if args.eval_n:
         engine.append_jsonl(log, evaluation.heldout(gen, tok, args, total_steps))
-    if rank == 0:
-        tinylora.save_adapter(bank, out("adapter.safetensors"), base_model=args.model)  # also after a resume at the end
-        engine.plot_rewards(log, out("reward.png"))
-        print(f"done: adapter {out('adapter.safetensors')} ({bank.num_params()} parameters)")
+    if engine.rank_world()[0] == 0:
+        tinylora.save_adapter(bank, adapter, base_model=args.model)
+        engine.plot_rewards(log, os.path.join(args.out, "reward.png"))
+        print(f"done: adapter {adapter} ({bank.num_params()} parameters)")
     engine.barrier()
     return bank
 

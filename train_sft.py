@@ -26,6 +26,7 @@ import torch
 
 import engine
 import eval as evaluation
+import task
 import tinylora
 import train_grpo as tg
 
@@ -79,11 +80,11 @@ def main(argv=None, loaded=None):
     for step in (bar := tqdm(range(start, total_steps), initial=start, total=total_steps, desc="sft", disable=rank > 0)):
         t0 = time.time()
         # ---- data: the step's B problems (GRPO's at this step; under torchrun this rank's share), gold solutions
-        batch = tg.batch_at(train, step, args.batch_prompts, args.seed)
+        batch = task.batch_at(train, step, args.batch_prompts, args.seed)
         seqs = demos(tok, [batch[i] for i in engine.shard(args.batch_prompts, rank, world, args.mini_batches)], eos)
 
         # ---- loss and step: token-mean NLL of the solutions through the unmerged adapter
-        lrs = [tg.lr_at(opt_steps + m, total_opt, args.lr, args.warmup) for m in range(args.mini_batches)]
+        lrs = [task.lr_at(opt_steps + m, total_opt, args.lr, args.warmup) for m in range(args.mini_batches)]
         loss, grad_norm = sft_update(model, bank, opt, seqs, lrs, args.micro_batch, args.grad_clip, args.micro_tokens)
         opt_steps += args.mini_batches
 
