@@ -217,8 +217,8 @@ def make_vllm(folder, dtype, max_model_len, seed, gpu_memory_utilization=0.4, lo
     on its GPU, or with tensor_parallel > 1 one engine across each group of that many consecutive ranks."""
     vllm_env()
     from vllm import LLM
-    for h in logging.getLogger("vllm").handlers:  # records of vllm.* loggers reach these handlers
-        h.addFilter(PartialPushFilter())
+    for name in ("layerwise", "inplace"):  # the loggers that emit them (vLLM 0.32 module names)
+        logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}").addFilter(PartialPushFilter())
     lora = {} if lora_rank is None else dict(enable_lora=True, max_loras=1, max_lora_rank=min(
         k for k in (1, 8, 16, 32, 64, 128, 256, 320, 512) if k >= lora_rank))  # the ranks vLLM 0.32 accepts
     rank, world = rank_world()
@@ -248,21 +248,29 @@ def generate_vllm(llm, tok, prompts, n, max_new, temperature, eos, lora=None, se
     return out
 
 
-def sync_weights(llm, model, bank, dtype=None):
-    """Push W0+ΔW of every adapted module (and its fused siblings) into vLLM; returns tensors pushed."""
-    weights = dict(bank.merged_weights(dtype))
-    for parent in {n.rpartition(".")[0] for n in bank.layers}:
-        # fused siblings: vLLM packs q,k,v into qkv_proj and gate,up into gate_up_proj, and a packed
-        # parameter must receive every shard in one call -- so send the un-adapted siblings' W0 and biases too
+def merged_stream(model, bank, dtype=None):
+    """Yield (param name, tensor): W0 + ΔW of every adapted module, parent by parent in layer order, with the
+    fused siblings' W0 and biases (vLLM packs q,k,v into qkv_proj and gate,up into gate_up_proj, and a packed
+    parameter must receive every shard). One module's merged weight is made at a time, so a push never
+    holds the whole model's merged weights (7B: ~12 GiB), and vLLM's layerwise reload gets them in order."""
+    for parent in dict.fromkeys(n.rpartition(".")[0] for n in bank.layers):
         for n, mod in model.get_submodule(parent).named_children():
-            mod = mod.base if isinstance(mod, tinylora.TinyLoRALinear) else mod
-            if isinstance(mod, torch.nn.Linear):
-                weights.setdefault(f"{parent}.{n}.weight", mod.weight.detach().to(dtype or mod.weight.dtype))
-                if mod.bias is not None:
-                    weights[f"{parent}.{n}.bias"] = mod.bias.detach().to(dtype or mod.bias.dtype)
-    llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=list(weights.items())))
+            name = f"{parent}.{n}"
+            if name in bank.layers:
+                yield f"{name}.weight", bank.merged(name, dtype)
+            base = mod.base if isinstance(mod, tinylora.TinyLoRALinear) else mod
+            if isinstance(base, torch.nn.Linear):
+                if name not in bank.layers:
+                    yield f"{name}.weight", base.weight.detach().to(dtype or base.weight.dtype)
+                if base.bias is not None:
+                    yield f"{name}.bias", base.bias.detach().to(dtype or base.bias.dtype)
+
+
+def sync_weights(llm, model, bank, dtype=None):
+    """Push W0+ΔW of every adapted module (and its fused siblings) into vLLM, streamed: in-process, the
+    generator reaches the worker as it is and is consumed there tensor by tensor (vLLM 0.32 reload_weights)."""
+    llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=merged_stream(model, bank, dtype)))
     llm.reset_prefix_cache()  # KV cached under the old weights must not be reused
-    return len(weights)
 
 
 def push_lora(llm, bank, folder):
@@ -309,11 +317,15 @@ class Generator:
                            row_seeds(seed, index, n))
 
     def push(self, bank):
-        """Give the generator W0 + ΔW (HF generates on the live model: nothing to do)."""
+        """Give the generator W0 + ΔW (HF generates on the live model: nothing to do). Returns the share of ΔW
+        that reached it (delta_kept over 8 sampled modules: below 1 when a bf16 merge rounds part of ΔW away)."""
         if self.llm is not None and self.lora_dir is not None:
             self.lora = push_lora(self.llm, bank, self.lora_dir)
         elif self.llm is not None:
             sync_weights(self.llm, self.model, bank, self.dtype)
+            if self.dtype not in (None, torch.float32):
+                return delta_kept(bank, self.dtype, every=max(1, len(bank.layers) // 8))
+        return 1.0
 
 
 def make_generator(backend, model, tok, bank, spec, work_dir, dtype, max_model_len, seed, gpu_memory_utilization,

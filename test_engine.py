@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -51,9 +52,20 @@ def test_vllm_sync_matches_trainer_logprobs(tiny_llm, tiny_folder, smol_tok, tar
         return ((lp - roll).abs() * mask).max().item()
 
     stale = gap()  # vLLM still has W0 (or the previous test's weights): far from the adapter
-    n = engine.sync_weights(tiny_llm, m, bank)
-    assert n >= len(bank.layers)
+    live, peak, total = [], [0], [0]
+    alive = lambda: sum(t().nbytes for t in live if t() is not None)  # noqa: E731
+
+    def watched(stream):  # the bytes of pushed tensors still held anywhere when the next one is made
+        for name, t in stream:
+            peak[0], total[0] = max(peak[0], alive() + t.nbytes), total[0] + t.nbytes
+            live.append(weakref.ref(t))
+            yield name, t
+    tiny_llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=watched(engine.merged_stream(m, bank))))
+    tiny_llm.reset_prefix_cache()
     assert gap() < 1e-3 < stale
+    layer = max(sum(p.nbytes for p in m.model.layers[i].parameters() if p.dim() == 2) for i in range(len(m.model.layers)))
+    assert len(live) >= len(bank.layers) and peak[0] <= layer, (peak[0], layer)  # never more than one layer at once
+    print(f"streamed push: at most {peak[0]:,} bytes held at once; one layer {layer:,}; the whole push {total[0]:,}")
     with torch.no_grad():  # and back to the base: v = 0 pushes exactly W0
         bank.v.zero_()
     engine.sync_weights(tiny_llm, m, bank)

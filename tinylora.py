@@ -243,11 +243,14 @@ class Bank(nn.Module):
         return L.V.T.contiguous(), ((L.U * L.S) @ L.R()).contiguous()
 
     @torch.no_grad()
+    def merged(self, name, dtype=None):
+        """W0 + ΔW of one module: fp32 math from the pristine W0, cast once to dtype (default W0's)."""
+        W0 = self.layers[name].base.weight
+        return (W0.float() + self.delta(name)).to(dtype or W0.dtype)
+
     def merged_weights(self, dtype=None):
-        """Yield (param name, W0 + ΔW): fp32 math from the pristine W0, cast once to dtype (default W0's)."""
-        for name, L in self.layers.items():
-            W0 = L.base.weight
-            yield f"{name}.weight", (W0.float() + self.delta(name)).to(dtype or W0.dtype)
+        """Yield (param name, W0 + ΔW) for every adapted module, one at a time."""
+        return ((f"{name}.weight", self.merged(name, dtype)) for name in self.layers)
 
     def plan_text(self):
         c = self.config
@@ -305,11 +308,10 @@ def fingerprint(bank):
     arch = hashlib.sha256(json.dumps([names, shapes]).encode()).hexdigest()[:16]
     probes = []
     for n in names:
-        L = bank.layers[n]
-        gen = torch.Generator().manual_seed(stable_seed(0, n + "/probe"))
-        g, h = (torch.nn.functional.normalize(torch.randn(k, generator=gen), dim=0) for k in (L.U.shape[0], L.V.shape[0]))
-        p = torch.cat([g @ L.U.detach().float().cpu() * g.numel() ** 0.5, h @ L.V.detach().float().cpu() * h.numel() ** 0.5])
-        probes.append([float(f"{x:.6g}") for x in p.tolist()])
+        L, gen = bank.layers[n], torch.Generator().manual_seed(stable_seed(0, n + "/probe"))
+        g, h = (nn.functional.normalize(torch.randn(k, generator=gen), dim=0) for k in (L.U.shape[0], L.V.shape[0]))
+        probes.append([float(f"{x:.6g}") for x in torch.cat([g @ L.U.float().cpu() * g.numel() ** 0.5,
+                                                              h @ L.V.float().cpu() * h.numel() ** 0.5]).tolist()])
     return dict(arch=arch, sigma1=[float(f"{bank.layers[n].S[0].item():.6g}") for n in names], factors=probes)
 
 
@@ -387,8 +389,7 @@ def load_adapter(model, path):
     except ValueError:
         remove_tinylora(model)
         raise
-    with torch.no_grad():
-        bank.v.copy_(v)
+    bank.v.data.copy_(v)
     bank.config["base_model"] = c.get("base_model")
     return bank
 
@@ -396,5 +397,4 @@ def load_adapter(model, path):
 # ---- Command line (engine.py): the plan, `merge` and `export-lora` ------------------------------------
 if __name__ == "__main__":
     from engine import export_main, plan_main, run_cli
-    export = sys.argv[1:2] in (["merge"], ["export-lora"])
-    run_cli(lambda: export_main(sys.argv[1], sys.argv[2:]) if export else plan_main())
+    run_cli(lambda: export_main(sys.argv[1], sys.argv[2:]) if sys.argv[1:2] in (["merge"], ["export-lora"]) else plan_main())

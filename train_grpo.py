@@ -356,14 +356,14 @@ def main(argv=None, loaded=None):
 
         # ---- sync: the generator gets W0 + ΔW for the next rollout
         t2 = time.time()
-        gen.push(bank)
+        kept = gen.push(bank)  # the share of ΔW the generator's weights carry (bf16 merges round some away)
         t_sync = time.time() - t2
 
         # ---- log (every rank's samples, gathered), then checkpoint; rank 0 writes, on resume rows past the checkpoint go
         r, comps, golds, old = engine.gather_step(r, comps, golds, old)
         row = dict(kind="train", step=step + 1, **engine.step_metrics(r, args.group_size, comps, golds, old,
                                                                       engine.padded_logprobs(comps), stats, args.tis_cap),
-                   v_norm=bank.v.norm().item(), v_checksum=engine.same_on_all_ranks(bank.v), lr=lrs[-1], t_gen=t_gen,
+                   v_norm=bank.v.norm().item(), v_checksum=engine.same_on_all_ranks(bank.v), delta_kept=kept, lr=lrs[-1], t_gen=t_gen,
                    t_train=t_train, t_sync=t_sync, t_step=time.time() - t0)
         engine.append_jsonl(log, row)
         if rank > 0:
