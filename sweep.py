@@ -25,7 +25,6 @@ import json
 import os
 import types
 
-import torch
 
 import engine
 import eval as evaluation

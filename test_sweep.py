@@ -6,7 +6,6 @@ import sys
 import pytest
 import torch
 
-import engine
 import sweep
 import task
 import tinylora

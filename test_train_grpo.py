@@ -270,12 +270,13 @@ def test_shared_prompt_pass_equals_the_unshared_one_smollm2(smol):
 
 
 def test_micro_batches_hold_whole_groups_within_the_caps():
-    lengths = [(5, 3)] * 4 + [(9, 6)] * 4 + [(2, 1)] * 4  # 3 groups of 4
-    assert engine.micro_batches(lengths, 8, G=4) == [list(range(8)), list(range(8, 12))]
-    assert engine.micro_batches(lengths, 3, G=4) == [list(range(4)), list(range(4, 8)), list(range(8, 12))]
-    # tokens with a shared prompt: groups·Lp + samples·C; 5 + 4·3 = 17, then 9 + 8·6 = 66 > 40
-    assert engine.micro_batches(lengths, 12, G=4, max_tokens=40) == [list(range(4)), list(range(4, 8)), list(range(8, 12))]
-    assert engine.micro_batches(lengths, 12, G=4, max_tokens=66) == [list(range(8)), list(range(8, 12))]
+    lengths = [(5, 3)] * 4 + [(9, 6)] * 4 + [(2, 1)] * 4  # 3 groups of 4; longest first: 4..7, 0..3, 8..11
+    g0, g1, g2 = list(range(4)), list(range(4, 8)), list(range(8, 12))
+    assert engine.micro_batches(lengths, 8, G=4) == [g1 + g0, g2]
+    assert engine.micro_batches(lengths, 3, G=4) == [g1, g0, g2]
+    # tokens with a shared prompt: groups·Lp + samples·C; 9 + 4·6 = 33, then 2·9 + 8·6 = 66 > 40
+    assert engine.micro_batches(lengths, 12, G=4, max_tokens=40) == [g1, g0 + g2]
+    assert engine.micro_batches(lengths, 12, G=4, max_tokens=66) == [g1 + g0, g2]
     assert engine.micro_batches([(5, 3)] * 5, 2) == [[0, 1], [2, 3], [4]]
 
 
@@ -427,3 +428,69 @@ def test_the_gpu_recipe_on_a_machine_without_a_gpu_is_refused_before_anything_lo
     with pytest.raises(ValueError, match="no GPU here.*--preset cpu-demo.*--device cpu"):
         tg.get_args(["--params", "13"])
     assert tg.get_args(["--params", "13", "--preset", "cpu-demo"]).model != "Qwen/Qwen2.5-7B-Instruct"
+
+
+def saved_bytes_per_token_per_layer(m, seqs, checkpointing):
+    """Autograd memory of the decoder layers in one loss pass: every tensor saved for backward inside a layer
+    (saved-tensor hooks), plus, with checkpointing, the layer input kept for the recompute (the checkpoint's
+    own hooks hide the inner ones: that is the point). Returns (bytes per token per layer, v's gradient)."""
+    inside, total, forward = [False], [0], [True]
+
+    def enter(mod, args, kwargs):  # (also runs when backward recomputes a checkpointed layer: not counted)
+        inside[0] = forward[0]
+        if checkpointing and forward[0]:
+            total[0] += kwargs.get("hidden_states", args[0] if args else None).nbytes
+
+    hooks = [h for L in m.model.layers for h in (L.register_forward_pre_hook(enter, with_kwargs=True),
+                                                L.register_forward_hook(lambda *a: inside.__setitem__(0, False)))]
+
+    def pack(t):
+        total[0] += t.nbytes if inside[0] else 0
+        return t
+    m.train(checkpointing)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lp = tg.token_logprobs(m, seqs, 1.0)
+    forward[0] = False
+    bank_v = [mod for mod in m.modules() if isinstance(mod, tinylora.TinyLoRALinear)][0].bank.v
+    grad = torch.autograd.grad(lp.sum(), bank_v)[0]
+    m.eval()
+    for h in hooks:
+        h.remove()
+    padded = len(seqs) * (max(len(p) for p, _ in seqs) + max(len(c) for _, c in seqs))  # the (b, Lp + C) pass
+    return total[0] / (padded * len(m.model.layers)), grad
+
+
+def test_checkpointed_loss_pass_gives_the_same_gradient_and_keeps_far_fewer_bytes():
+    """Activation checkpointing (non-reentrant, every weight frozen, v outside the model): the same v-gradient,
+    and the bytes kept per token per layer drop from all of a layer's activations to its input alone."""
+    m = tiny_model("qwen2", vocab=300, hidden=128, inter=512, layers=2)
+    bank = tinylora.apply_tinylora(m, params=13)
+    with torch.no_grad():
+        bank.v.normal_(0, 0.3)
+    seqs = [([1, 2, 3, 4, 5, 6, 7, 8][:k], list(range(9, 9 + 2 * k))) for k in (3, 8, 5, 8)]
+    plain, g0 = saved_bytes_per_token_per_layer(m, seqs, False)
+    engine.set_checkpointing(m)
+    kept, g1 = saved_bytes_per_token_per_layer(m, seqs, True)
+    assert torch.allclose(g0, g1, rtol=1e-5, atol=1e-8)
+    assert kept == 128 * 4 and plain / kept >= 5, (plain, kept)  # the fp32 layer input; measured 24.6× here
+    est = engine.activation_bytes(128, 512, 1, 1, 4, False)  # the memory plan's per token and layer estimate
+    assert 0.3 < est / plain < 1.5, (est, plain)
+    with pytest.raises(ValueError, match="KV cache"):  # the shared-prompt pass would silently lose its cache
+        m.train()
+        tg.token_logprobs(m, [([1, 2], [3]), ([1, 2], [4])], 1.0, G=2)
+    m.eval()
+
+
+def test_memory_plan_refuses_what_cannot_fit_and_passes_what_can():
+    m = tiny_model("qwen2", vocab=300, hidden=128, inter=512, layers=2)
+    text, fits = engine.memory_plan(m, 4096, False, 30 * 2 ** 30, 80 * 2 ** 30)
+    assert fits and "memory plan" in text and "checkpointing off" in text
+    assert not engine.memory_plan(m, 4096, False, 79 * 2 ** 30, 80 * 2 ** 30)[1]
+    big = engine.activation_bytes(3584, 18944, 28, 8 * 4608, 2, False)  # the 7B recipe, micro-batch 8, no checkpointing
+    assert big > 150 * 2 ** 30 > 8 * engine.activation_bytes(3584, 18944, 28, 4608, 2, True)  # ~190 GiB vs ~12 GiB
+
+
+def test_micro_batches_go_longest_first_and_keep_groups_whole():
+    lengths = [(5, 2), (5, 3), (4, 9), (4, 1), (6, 4), (6, 4)]
+    mbs = engine.micro_batches(lengths, 2, G=2)
+    assert mbs == [[2, 3], [4, 5], [0, 1]] and sorted(i for mb in mbs for i in mb) == list(range(6))

@@ -86,6 +86,8 @@ def parser():
     g.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward (whole groups, at least one)")
     g.add_argument("--micro-tokens", type=int, default=0, help="also cap a micro-batch's padded tokens (0 = no cap)")
     g.add_argument("--no-shared-prompt", action="store_true", help="recompute each prompt for every sample (slower, same result)")
+    g.add_argument("--grad-checkpointing", default="auto", choices=["auto", "on", "off"],
+                   help="recompute each layer in backward (memory for time); auto: on with CUDA")
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--warmup", type=float, default=0.05, help="fraction of optimizer steps")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
@@ -206,6 +208,8 @@ def token_logprobs(model, seqs, temperature, G=1):
         h = model.base_model(input_ids=ids, attention_mask=mask,
                              position_ids=(mask.cumsum(1) - 1).clamp_min(0)).last_hidden_state  # (b, Lp+C, H)
         return engine.head_logprobs(model, h[:, Lp - 1:Lp + C - 1], y, temperature)
+    if model.training and model.is_gradient_checkpointing:
+        raise ValueError("the shared-prompt pass needs the KV cache, which checkpointed layers drop: use G = 1")
     prompts = [seqs[i][0] for i in range(0, len(seqs), G)]
     if any(seqs[i][0] != prompts[i // G] for i in range(len(seqs))):
         raise ValueError(f"token_logprobs(G={G}): sequences must come in groups of {G} that share a prompt")
@@ -238,6 +242,7 @@ def accumulate_grad(model, seqs, rows, old, roll, A, W, mask, micro_batch, tempe
     groups of G; W, mask (len(rows), C) aligned with rows). fill_old: this pass is π_old (one mini-batch), so
     old[rows] is set from it first. Returns the clip counts."""
     clip_low = clip_high = 0
+    model.train(model.is_gradient_checkpointing)  # transformers checkpoints only in train mode (no dropout: checked)
     for mb in engine.micro_batches([(len(seqs[i][0]), len(seqs[i][1])) for i in rows], micro_batch, G, max_tokens):
         ii = [rows[j] for j in mb]  # mb: positions in rows (and in W, mask); ii: indices into seqs
         lp = token_logprobs(model, [seqs[i] for i in ii], temperature, G)  # (b, c)
@@ -248,6 +253,7 @@ def accumulate_grad(model, seqs, rows, old, roll, A, W, mask, micro_batch, tempe
                                  W[mb, :c].to(dev), mask[mb, :c].to(dev), eps_low, eps_high, tis_cap)
         loss.backward()
         clip_low, clip_high = clip_low + lo, clip_high + hi
+    model.eval()
     return clip_low, clip_high
 
 
@@ -278,51 +284,13 @@ def policy_update(model, bank, opt, seqs, A, roll, lrs, micro_batch, temperature
     return old, stats
 
 
-# ---- Setup: every bad input fails here, before anything is written -------------------------------------
-def setup(args, loaded=None):
-    """(model, tok, bank, generator, training prompts, AdamW, start step, optimizer steps done).
-    loaded: (model, tok, generator) already built with the same --model/--dtype/--backend (sweep.py), or None."""
-    dev, dtype, backend = engine.resolve_runtime(args.device, args.dtype, args.backend)
-    rank, world, dev = engine.init_distributed(dev, args.dist_timeout)
-    config = dict(vars(args), resolved=dict(device=dev, dtype=str(dtype), backend=backend, world_size=world))
-    if rank == 0:
-        print(json.dumps(config, indent=1, default=str))
-    rows, shots = task.load_task(args.data, "train", args.shots, args.val)
-    model, tok = loaded[:2] if loaded else engine.load_model(args.model, dtype=dtype, device=dev)
-    plan = dict(params=args.params) if args.u is None else dict(u=args.u, n_tie=args.n_tie)
-    bank = tinylora.apply_tinylora(model, r=args.r, tie=args.tie, targets=args.targets.split(","), seed=args.seed, svd=args.svd,
-                                   lora_xs=args.lora_xs, verbose=True, **plan)
-    bank.config["base_model"] = args.model
-    train = task.prompt_ids(tok, rows, shots, args.max_prompt)
-    if len(train) < args.batch_prompts:
-        raise ValueError(f"only {len(train)} training prompts fit in --max-prompt {args.max_prompt}, "
-                         f"fewer than --batch-prompts {args.batch_prompts}")
-    os.makedirs(args.out, exist_ok=True)
-    if not args.resume and rank == 0:  # every resolved value, saved with the run (and read back by --resume)
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump({k: v for k, v in config.items() if k not in ("resume", "preset")}, f, indent=1, default=str)
-    gen = loaded[2] if loaded else engine.make_generator(backend, model, tok, bank, args.model, args.out, dtype,
-                                                         args.max_prompt + args.max_new_tokens, args.seed,
-                                                         args.gpu_memory_utilization, args.sync, args.tensor_parallel)
-    opt = torch.optim.AdamW([bank.v], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
-    ckpt = os.path.join(args.out, "checkpoint.safetensors")
-    start, opt_steps = engine.load_checkpoint(ckpt, bank, opt) if args.resume and os.path.isfile(ckpt) else (0, 0)
-    engine.broadcast_(bank.v)  # every rank starts from rank 0's v (its checkpoint, on a shared --out)
-    if rank == 0:
-        print(f"data: {len(train)} training prompts ({len(rows) - len(train)} over {args.max_prompt} tokens dropped)"
-              + (f"; resumed at step {start}" if start else "") + (f"; {world} ranks" if world > 1 else ""))
-        engine.recover_run(args.out, start)
-    engine.barrier()
-    return model, tok, bank, gen, train, opt, start, opt_steps
-
-
 # ---- The loop ------------------------------------------------------------------------------------------
 def main(argv=None, loaded=None):
     args = get_args(argv)
-    model, tok, bank, gen, train, opt, start, opt_steps = setup(args, loaded)
+    model, tok, bank, gen, train, opt, start, opt_steps = engine.setup(args, loaded)
     total_steps = args.steps or args.epochs * (len(train) // args.batch_prompts)
     total_opt, log, out = total_steps * args.mini_batches, os.path.join(args.out, "log.jsonl"), functools.partial(os.path.join, args.out)
-    update = functools.partial(policy_update, **update_flags(args))
+    update = functools.partial(policy_update, **update_flags(args, model))
     rank, world = engine.rank_world()
     gen.push(bank)  # v = 0, or the resumed v
     if args.eval_n and start == 0:
@@ -377,10 +345,11 @@ def main(argv=None, loaded=None):
     return finish(args, gen, tok, bank, total_steps)
 
 
-def update_flags(args):
+def update_flags(args, model):
     return dict(micro_batch=args.micro_batch, temperature=args.temperature, eps_low=args.eps_low, eps_high=args.eps_high,
                 tis_cap=args.tis_cap, loss_agg=args.loss_agg, max_new=args.max_new_tokens, grad_clip=args.grad_clip,
-                G=1 if args.no_shared_prompt else args.group_size, max_tokens=args.micro_tokens)
+                G=1 if args.no_shared_prompt or model.is_gradient_checkpointing else args.group_size,
+                max_tokens=args.micro_tokens)
 
 
 def finish(args, gen, tok, bank, total_steps):

@@ -68,7 +68,7 @@ def main(argv=None, loaded=None):
     args = tg.get_args(argv)
     if not args.eval_n and not loaded:
         args.backend = "hf"  # nothing is sampled: no vLLM engine to start
-    model, tok, bank, gen, train, opt, start, opt_steps = tg.setup(args, loaded)
+    model, tok, bank, gen, train, opt, start, opt_steps = engine.setup(args, loaded)
     total_steps = args.steps or args.epochs * (len(train) // args.batch_prompts)
     total_opt, out = total_steps * args.mini_batches, functools.partial(os.path.join, args.out)
     eos = tok.eos_token_id if tok.eos_token_id is not None else engine.eos_ids(model, tok)[0]
