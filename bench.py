@@ -45,10 +45,10 @@ SIZES = {  # (architecture, config kwargs): the real shapes, from the published 
 }
 
 
-def build(size, device, dtype, seed=0):
+def build(size, device, dtype, seed=0, **override):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
     arch, kw = SIZES[size]
-    cfg = (Qwen2Config if arch == "qwen2" else LlamaConfig)(max_position_embeddings=4096, **kw)
+    cfg = (Qwen2Config if arch == "qwen2" else LlamaConfig)(max_position_embeddings=4608, **dict(kw, **override))
     torch.manual_seed(seed)
     with torch.device(device):
         m = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
