@@ -6,6 +6,7 @@ Benchmark: this project's TinyLoRA against PEFT's TinyLoraConfig, measured side 
     python bench.py --sync-cost MODEL                     # vLLM push: merged weights vs the exact LoRA
     PYTHONPATH=<trl site> python bench.py --grpo-step MODEL  # the whole GRPO step: ours (vLLM, HF) vs TRL + PEFT
     python bench.py --train-pass MODEL                    # the training pass alone, shared prompt or not, profiled
+    python bench.py --merge-gap MODEL                     # what a bf16 merged push does to the sampler-trainer gap
 
 Builds the model from a config (no download, random weights), then measures, in the same process:
 init time (SVD of every adapted module), forward and fwd+bwd step time as ratios to the same network
@@ -250,6 +251,47 @@ def sync_bench(spec, prompts=8, n=8, max_new=40, reps=3):
     return res
 
 
+def merge_gap_bench(spec, prompts=8, n=8, max_new=40):
+    """What a bf16 merge does to the rollouts: W0 rounded to the bf16 grid (as a bf16 checkpoint), an fp32 vLLM
+    engine, v of magnitude s; per s the share of ΔW a bf16 push carries and the mean |log π_trainer − log π_sampler|
+    over sampled tokens after an fp32 push and after a bf16-rounded one, next to how far v moved the policy."""
+    import engine
+    import task
+    import train_grpo as tg
+    model, tok = engine.load_model(spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16))  # on the bf16 grid, kept in fp32: the engine and the trainer agree at v = 0
+    bank = tinylora.apply_tinylora(model, params=13)
+    ids = [p for _, p in task.prompt_ids(tok, task.arith_rows("test")[:prompts], task.load_task("arith", "test")[1], 512)]
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        gen = engine.make_generator("vllm", model, tok, bank, spec, d, torch.float32, 1024, 0, 0.4)
+        for s in (1e-3, 1e-2, 1e-1):
+            with torch.no_grad():
+                bank.v.copy_(torch.randn(bank.v.shape, generator=torch.Generator().manual_seed(0)).sign() * s)
+            row = dict(s=s, kept_bf16=engine.delta_kept(bank, torch.bfloat16))
+            for push in (torch.float32, torch.bfloat16):
+                engine.sync_weights(gen.llm, model, bank, push)
+                comps = gen.generate(ids, n, max_new, 1.0, 0)
+                seqs = [(ids[i // n], c["ids"]) for i, c in enumerate(comps)]
+                mask = engine.completion_mask([len(c) for _, c in seqs], max(len(c) for _, c in seqs)).bool()
+                with torch.no_grad():
+                    lp = tg.token_logprobs(model, seqs, 1.0)
+                    v = bank.v.clone()
+                    bank.v.zero_()
+                    lp0 = tg.token_logprobs(model, seqs, 1.0)
+                    bank.v.copy_(v)
+                row[f"gap_{str(push)[6:]}"] = (lp - engine.padded_logprobs(comps))[mask].abs().mean().item()
+                row["policy_move"] = (lp - lp0)[mask].abs().mean().item()
+            rows.append(row)
+            print(row)
+    print("| |v| | ΔW a bf16 push carries | mean |Δ log π| fp32 push | bf16 push | the policy's own move |\n| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['s']:g} | {r['kept_bf16']:.1%} | {r['gap_float32']:.2e} | {r['gap_bfloat16']:.2e} | {r['policy_move']:.2e} |")
+    return rows
+
+
 def trl_step(spec, steps):
     """TRL 1.16 GRPOTrainer + PEFT 0.21 TinyLoraConfig (13 scalars) on the CPU demo config: per-step seconds.
     The peer baseline of ../shared/anchors/trl_cpu_step.py with this project's loader, task and prompt."""
@@ -352,14 +394,10 @@ def train_pass_bench(spec, micro_batches=(8, 16, 32)):
 
 
 def main(argv=None):
-    if argv is None and sys.argv[1:2] == ["--train-pass"]:  # python bench.py --train-pass MODEL
-        return train_pass_bench(sys.argv[2])
-    if argv is None and sys.argv[1:2] == ["--sync-cost"]:  # python bench.py --sync-cost MODEL
-        return sync_bench(sys.argv[2])
-    if argv is None and sys.argv[1:2] == ["--grpo-step"]:  # python bench.py --grpo-step MODEL [STEPS]
-        return grpo_step_bench(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 3)
-    if argv is None and sys.argv[1:2] == ["--trl-step"]:  # (run by --grpo-step in its own process)
-        return trl_step(sys.argv[2], int(sys.argv[3]))
+    modes = {"--train-pass": train_pass_bench, "--sync-cost": sync_bench, "--merge-gap": merge_gap_bench,
+             "--grpo-step": lambda m, k=3: grpo_step_bench(m, int(k)), "--trl-step": lambda m, k: trl_step(m, int(k))}
+    if argv is None and sys.argv[1:2] and sys.argv[1] in modes:  # python bench.py --MODE MODEL [STEPS]
+        return modes[sys.argv[1]](*sys.argv[2:4])
     args = get_args(argv)
     cuda = args.device == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))

@@ -425,13 +425,15 @@ def test_randomized_svd_is_deterministic_and_leaves_global_rng_alone():
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and torch.equal(torch.rand(1), after)
 
 
-def test_randomized_svd_is_the_subspace_iteration_on_a_cpu_sketch_and_ignores_the_global_rng():
+@pytest.mark.parametrize("oversample,niter", [(T.RANDOMIZED_OVERSAMPLE, T.RANDOMIZED_NITER), (2, 1)])
+def test_randomized_svd_is_the_subspace_iteration_on_a_cpu_sketch_and_ignores_the_global_rng(oversample, niter):
     """The factors equal an fp64 reference that draws the same sketch explicitly (a CPU generator seeded
-    by the seed alone: the same numbers on any device), whatever the global RNG state."""
+    by the seed alone: the same numbers on any device), whatever the global RNG state. (2, 1) is far from
+    converged, so there the result depends on every detail of the algorithm and of the sketch."""
     W = torch.randn(60, 45) @ torch.diag(torch.linspace(3, 1, 45))  # (out, in)
-    r, q, niter, seed = 2, 2 + T.RANDOMIZED_OVERSAMPLE, T.RANDOMIZED_NITER, 5
+    r, q, seed = 2, 2 + oversample, 5
     torch.manual_seed(999)
-    U, S, V = T.svd_factors(W, r, "randomized", seed=seed)
+    U, S, V = T.svd_factors(W, r, "randomized", seed=seed, oversample=oversample, niter=niter)
     omega = torch.randn(45, q, generator=torch.Generator().manual_seed(seed)).double()  # the sketch, drawn here
     Wd = W.double()
     Q = torch.linalg.qr(Wd @ omega).Q
