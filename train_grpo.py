@@ -141,10 +141,10 @@ def check_args(args):
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
     if args.temperature <= 0:
         raise ValueError(f"--temperature must be > 0 for sampling, got {args.temperature}")
+    engine.check_paths(args.model, args.data)
     if args.device == "auto" and args.model == parser().get_default("model") and not torch.cuda.is_available():
         raise ValueError("no GPU here: the paper's recipe would load Qwen2.5-7B in fp32 on the CPU; try --preset "
                          "cpu-demo, or pass --device cpu to insist")
-    engine.check_paths(args.model, args.data)
 
 
 # ---- Loss: pure functions on tensors ------------------------------------------------------------------
