@@ -339,6 +339,7 @@ def grpo_step_bench(spec, steps=3):
     for label, extra in runs:
         with tempfile.TemporaryDirectory() as d:
             p = subprocess.run([sys.executable, "train_grpo.py", "--preset", "cpu-demo", "--model", spec, "--steps", str(steps),
+                                "--batch-prompts", "8", "--max-new-tokens", "40", "--val", "0",  # the benchmark's config
                                 "--eval-n", "0", "--sample-every", "0", "--out", d, *extra], env=env, capture_output=True, text=True)
             if p.returncode:
                 raise ValueError(f"{label} failed: {p.stderr.strip().splitlines()[-1]}")

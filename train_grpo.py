@@ -2,7 +2,7 @@
 GRPO with TinyLoRA: train a few scalars with an exact-match reward, rollouts on the merged weights.
 
     python train_grpo.py --params 13                      # the paper's GSM8K recipe (GPU, Qwen2.5-7B-Instruct)
-    python train_grpo.py --params 13 --preset cpu-demo    # ~15 min on a 2-core CPU: SmolLM2-135M, arithmetic
+    python train_grpo.py --params 13 --preset cpu-demo    # ~4 min on a 2-core CPU: SmolLM2-135M, arithmetic
     python train_grpo.py --resume runs/cpu-demo            # continue a run exactly where it stopped
     torchrun --nproc-per-node 8 train_grpo.py --params 13  # data parallel: the same update, 8× the rollouts
 
@@ -21,7 +21,7 @@ Chosen where the paper is silent:
     on any number of ranks (torchrun: each rank takes whole groups of every mini-batch; v's gradient is summed).
  4. lr 2e-3: the author's code scales ΔW by lora_alpha/r = 16 and uses R/√u, so his swept 1e-5 … 2e-4
     are 1.6e-4 … 3.2e-3 here; 2e-3 is an informed guess, not re-swept on a GPU. The CPU demo's 1e-2 is
-    the value an earlier prototype found to work (a 16× larger step collapsed correctness).
+    the CPU sweep's choice on its validation split (of 1e-2, 3e-2, 1e-1; 1e-1 collapses).
  5. The loss pass runs each prompt once per group and its G completions on its KV cache: the same
     log-probs and gradient (tested) for a fraction of the token work (--no-shared-prompt to compare).
 """
@@ -40,12 +40,12 @@ import task
 import tinylora
 
 # ---- Config: argparse grouped by concern; defaults = the paper's GSM8K recipe --------------------------
-PRESETS = {
-    "cpu-demo": dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", data="arith", batch_prompts=8, group_size=8,
-                     max_new_tokens=40, max_prompt=512, steps=20, lr=1e-2, mini_batches=1, warmup=0.0,
+PRESETS = {  # cpu-demo = the CPU sweep's 13-parameter RL point (sweep.py --preset cpu-sweep; README)
+    "cpu-demo": dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", data="arith", batch_prompts=4, group_size=8,
+                     max_new_tokens=32, max_prompt=512, steps=12, lr=1e-2, mini_batches=1, warmup=0.0, val=100,
                      eval_n=200, dtype="float32", out="runs/cpu-demo"),
 }
-PRESETS["cpu-sweep"] = dict(PRESETS["cpu-demo"], batch_prompts=4, max_new_tokens=32, steps=12, out="runs/cpu-sweep")  # sweep.py
+PRESETS["cpu-sweep"] = dict(PRESETS["cpu-demo"], out="runs/cpu-sweep")
 SHARED_SMOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "models",
                            "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
