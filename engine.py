@@ -20,6 +20,7 @@ Chosen where the paper is silent:
     checked before the generator starts; the lm-head runs in chunks of at most 1 GiB of fp32 logits.
 """
 import argparse
+import contextlib
 import glob
 import json
 import logging
@@ -200,8 +201,11 @@ def generate_hf(model, tok, prompts, n, max_new, temperature, eos, batch_size=64
 
 
 def vllm_env():
-    """Environment vLLM must see before it is imported: in-process engine, both CPU cores."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # tensors reach the worker as tensors
+    """Environment vLLM must see before it is imported or builds an engine: in-process (forced, since the
+    push hands the worker live tensors, which cannot cross a process boundary), both CPU cores."""
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+        print("note: VLLM_ENABLE_V1_MULTIPROCESSING set to 0 (the weight push needs an in-process engine)")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # KV-cache size, preemption: worth seeing
@@ -216,21 +220,51 @@ class PartialPushFilter(logging.Filter):
         return not str(record.msg).startswith(self.NOISE)
 
 
-def make_vllm(folder, dtype, max_model_len, seed, gpu_memory_utilization=0.4, lora_rank=None, tensor_parallel=1):
+def vllm_kwargs(folder, dtype, max_model_len, seed, gpu_memory_utilization, lora_rank=None,
+                tensor_parallel=1, rank=0, world=1):
+    """Every argument LLM() gets (vLLM 0.32 EngineArgs names; tested against EngineArgs' fields).
+    logprobs_mode: log-probs after the temperature, the distribution actually sampled (vLLM's default,
+    raw_logprobs, is before it); enforce_eager on the CPU only (CUDA graphs survive a push, which copies
+    weights in place). Under torchrun: vLLM's external launcher (TRL's colocate mode), one seed per engine."""
+    kw = dict(model=folder, dtype=dtype, seed=seed + rank // tensor_parallel, max_model_len=max_model_len,
+              enforce_eager=not torch.cuda.is_available(), logprobs_mode="processed_logprobs",
+              gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel)
+    if world > 1:
+        kw["distributed_executor_backend"] = "external_launcher"
+    if lora_rank is not None:  # one LoRA slot of the smallest rank vLLM 0.32 accepts that holds r
+        ranks = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+        kw.update(enable_lora=True, max_loras=1, max_lora_rank=min(k for k in ranks if k >= lora_rank))
+    return kw
+
+
+def check_vllm_share(gpu_memory_utilization):
+    """vLLM refuses to start when free memory < its share × the card (vllm/v1/worker/utils.py): say so
+    first, in one line, with what the trainer already holds."""
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
+    if not torch.cuda.is_available():
+        return
+    free, total = torch.cuda.mem_get_info()
+    if free < gpu_memory_utilization * total:
+        gib = 2 ** 30
+        raise ValueError(f"--gpu-memory-utilization {gpu_memory_utilization} asks vLLM for "
+                         f"{gpu_memory_utilization * total / gib:.1f} GiB of the {total / gib:.1f} GiB card, "
+                         f"but only {free / gib:.1f} GiB are free (the trainer holds the rest): lower it")
+
+
+def make_vllm(folder, dtype, max_model_len, seed, gpu_memory_utilization=0.4, lora_rank=None,
+              tensor_parallel=1):
     """An in-process engine; lora_rank: enable one LoRA slot of at least that rank (for sync='lora').
-    Under torchrun every rank builds its engine with vLLM's external launcher (TRL's colocate mode): alone
-    on its GPU, or with tensor_parallel > 1 one engine across each group of that many consecutive ranks."""
+    Under torchrun every rank builds its engine: alone on its GPU, or with tensor_parallel > 1 one
+    engine across each group of that many consecutive ranks."""
     vllm_env()
+    check_vllm_share(gpu_memory_utilization)
     from vllm import LLM
     for name in ("layerwise", "inplace"):  # the loggers that emit them (vLLM 0.32 module names)
         logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}").addFilter(PartialPushFilter())
-    lora = {} if lora_rank is None else dict(enable_lora=True, max_loras=1, max_lora_rank=min(
-        k for k in (1, 8, 16, 32, 64, 128, 256, 320, 512) if k >= lora_rank))  # the ranks vLLM 0.32 accepts
     rank, world = rank_world()
-    dist = dict(distributed_executor_backend="external_launcher") if world > 1 else {}
-    return LLM(model=folder, dtype=dtype, seed=seed + rank // tensor_parallel, max_model_len=max_model_len,
-               enforce_eager=not torch.cuda.is_available(),  # CUDA graphs survive a push: reload copies in place logprobs_mode="processed_logprobs", gpu_memory_utilization=gpu_memory_utilization,
-               tensor_parallel_size=tensor_parallel, **dist, **lora)
+    return LLM(**vllm_kwargs(folder, dtype, max_model_len, seed, gpu_memory_utilization, lora_rank,
+                             tensor_parallel, rank, world))
 
 
 def generate_vllm(llm, tok, prompts, n, max_new, temperature, eos, lora=None, seeds=None):
@@ -315,8 +349,8 @@ class Generator:
             first = n * sum(len(ps) for ps, _ in parts[:rank_world()[0] % self.tp])
             return out[first:first + n * len(prompts)]
         torch.manual_seed(seed)
-        if self.llm is not None:
-            seeds = row_seeds(seed, index, 1) if next(self.model.parameters()).is_cuda else None
+        if self.llm is not None:  # vLLM draws sample j of a request from seed + j: one seed per n
+            seeds = row_seeds(seed, index, n)[::n] if torch.cuda.is_available() else None
             return generate_vllm(self.llm, self.tok, prompts, n, max_new, temperature, self.eos, self.lora, seeds)
         return generate_hf(self.model, self.tok, prompts, n, max_new, temperature, self.eos, self.batch_size,
                            row_seeds(seed, index, n))
@@ -427,6 +461,17 @@ def set_checkpointing(model):
     if getattr(model.config, "attention_dropout", 0.0) or getattr(model.config, "hidden_dropout", 0.0):
         raise ValueError("--grad-checkpointing runs the loss pass in train mode, and this model has dropout")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+
+
+@contextlib.contextmanager
+def loss_mode(model):
+    """The loss pass's mode: train() when its layers are checkpointed (transformers checkpoints only in
+    training mode; no dropout: checked by set_checkpointing), eval() otherwise and afterwards."""
+    model.train(model.is_gradient_checkpointing)
+    try:
+        yield model
+    finally:
+        model.eval()
 
 
 def activation_bytes(H, I, layers, tokens, dtype_bytes, checkpointing):

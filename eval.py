@@ -15,7 +15,8 @@ Chosen where the paper is silent:
  2. --compare runs base and adapter on the same problems; the base is the same adapted model with v = 0,
     which is bit-identical to the untouched model (tested). The difference is judged with an exact
     McNemar test on the discordant pairs, because the two runs are paired, not independent samples.
- 3. With vLLM the adapter is merged (W0+ΔW, fp32 math from the pristine W0) and pushed to the engine.
+ 3. With vLLM the adapter reaches the engine as the exact rank-r LoRA unless the generator is fp32, where
+    W0+ΔW is merged (fp32 math from the pristine W0): a bf16 merge rounds most of a small ΔW away.
 """
 import argparse
 import json
@@ -97,7 +98,9 @@ def get_args(argv=None):
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.8)
-    ap.add_argument("--sync", default="merged", choices=["merged", "lora"], help="how vLLM gets ΔW (see train_grpo.py)")
+    ap.add_argument("--sync", default="auto", choices=["auto", "merged", "lora"],
+                    help="how vLLM gets ΔW; auto: the exact LoRA unless the generator is fp32 (a bf16 "
+                         "merge rounds most of a small ΔW away)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON report path (default: next to the adapter, or eval.json)")
     ap.add_argument("--work-dir", default=".cache", help="where a .gguf model is exported for vLLM (and a LoRA pushed)")
@@ -175,8 +178,9 @@ def main(argv=None):
         trained = bank.v.detach().clone()
         say(bank.plan_text() + f" (from {args.adapter}, trained on {bank.config.get('base_model')})")
     work = os.path.join(args.work_dir, os.path.basename(os.path.normpath(args.model)))
+    sync = args.sync if args.sync != "auto" else "merged" if dtype == torch.float32 else "lora"
     gen = engine.make_generator(backend, model, tok, bank, args.model, work, dtype, args.max_prompt + args.max_new_tokens,
-                                args.seed, args.gpu_memory_utilization, args.sync)
+                                args.seed, args.gpu_memory_utilization, sync)
 
     # ---- evaluate: base (v = 0) and/or adapter, on the same problems
     report = dict(config=vars(args), protocol=protocol, backend=backend, device=dev, dtype=str(dtype), models={},
@@ -185,7 +189,10 @@ def main(argv=None):
         if bank is not None:
             with torch.no_grad():
                 bank.v.copy_(trained if label == "adapter" else torch.zeros_like(trained))
-            gen.push(bank)
+            kept = gen.push(bank)
+            if label == "adapter" and kept < 0.99:
+                say(f"warning: the generator's merged {dtype} weights carry {kept:.0%} of ΔW: "
+                    f"this scores another policy (--sync lora is exact)")
         report["problems"][label], report["models"][label] = run(gen, items, args, label)
     if args.compare:
         report["compare"] = {k: compare(report["problems"]["base"], report["problems"]["adapter"], k)

@@ -32,8 +32,11 @@ def tiny_llm(tiny_folder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("targets", [tinylora.DEFAULT_TARGETS, ("q_proj", "up_proj")])
-def test_vllm_sync_matches_trainer_logprobs(tiny_llm, tiny_folder, smol_tok, targets):
+@pytest.mark.parametrize("targets,T", [(tinylora.DEFAULT_TARGETS, 1.0), (("q_proj", "up_proj"), 1.0),
+                                       (tinylora.DEFAULT_TARGETS, 0.7)])
+def test_vllm_sync_matches_trainer_logprobs(tiny_llm, tiny_folder, smol_tok, targets, T):
+    """The sampler's log-probs equal the trainer's, at T = 1 and at another temperature (vLLM returns
+    them after the temperature only with logprobs_mode="processed_logprobs")."""
     from transformers import AutoModelForCausalLM
     m = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
     bank = tinylora.apply_tinylora(m, params=4, targets=targets)
@@ -44,10 +47,11 @@ def test_vllm_sync_matches_trainer_logprobs(tiny_llm, tiny_folder, smol_tok, tar
 
     def gap():
         torch.manual_seed(0)
-        comps = engine.generate_vllm(tiny_llm, smol_tok, prompts, 2, 12, 1.0, eos)
+        comps = engine.generate_vllm(tiny_llm, smol_tok, prompts, 2, 12, T, eos)
         seqs = [(prompts[i // 2], c["ids"]) for i, c in enumerate(comps)]
         with torch.no_grad():
-            lp, mask = tg.token_logprobs(m, seqs, 1.0), engine.completion_mask([len(c) for _, c in seqs], max(len(c) for _, c in seqs))
+            lp = tg.token_logprobs(m, seqs, T)  # (b, c)
+        mask = engine.completion_mask([len(c) for _, c in seqs], lp.shape[1])
         roll = engine.padded_logprobs(comps)
         return ((lp - roll).abs() * mask).max().item()
 

@@ -242,18 +242,18 @@ def accumulate_grad(model, seqs, rows, old, roll, A, W, mask, micro_batch, tempe
     groups of G; W, mask (len(rows), C) aligned with rows). fill_old: this pass is π_old (one mini-batch), so
     old[rows] is set from it first. Returns the clip counts."""
     clip_low = clip_high = 0
-    model.train(model.is_gradient_checkpointing)  # transformers checkpoints only in train mode (no dropout: checked)
-    for mb in engine.micro_batches([(len(seqs[i][0]), len(seqs[i][1])) for i in rows], micro_batch, G, max_tokens):
-        ii = [rows[j] for j in mb]  # mb: positions in rows (and in W, mask); ii: indices into seqs
-        lp = token_logprobs(model, [seqs[i] for i in ii], temperature, G)  # (b, c)
-        c, dev = lp.shape[1], lp.device
-        if fill_old:
-            old[ii, :c] = lp.detach().cpu()
-        loss, lo, hi = grpo_loss(lp, old[ii, :c].to(dev), roll[ii, :c].to(dev), A[ii].to(dev),
-                                 W[mb, :c].to(dev), mask[mb, :c].to(dev), eps_low, eps_high, tis_cap)
-        loss.backward()
-        clip_low, clip_high = clip_low + lo, clip_high + hi
-    model.eval()
+    lengths = [(len(seqs[i][0]), len(seqs[i][1])) for i in rows]
+    with engine.loss_mode(model):
+        for mb in engine.micro_batches(lengths, micro_batch, G, max_tokens):
+            ii = [rows[j] for j in mb]  # mb: positions in rows (and in W, mask); ii: indices into seqs
+            lp = token_logprobs(model, [seqs[i] for i in ii], temperature, G)  # (b, c)
+            c, dev = lp.shape[1], lp.device
+            if fill_old:
+                old[ii, :c] = lp.detach().cpu()
+            loss, lo, hi = grpo_loss(lp, old[ii, :c].to(dev), roll[ii, :c].to(dev), A[ii].to(dev),
+                                     W[mb, :c].to(dev), mask[mb, :c].to(dev), eps_low, eps_high, tis_cap)
+            loss.backward()
+            clip_low, clip_high = clip_low + lo, clip_high + hi
     return clip_low, clip_high
 
 

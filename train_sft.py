@@ -53,11 +53,13 @@ def sft_update(model, bank, opt, seqs, lrs, micro_batch, grad_clip, max_tokens=0
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        for mb in engine.micro_batches([(len(seqs[i][0]), len(seqs[i][1])) for i in rows], micro_batch, 1, max_tokens):
-            lp = tg.token_logprobs(model, [seqs[rows[j]] for j in mb], 1.0)  # (b, c)
-            loss = nll_loss(lp, W[mb, :lp.shape[1]].to(lp.device))
-            loss.backward()
-            total += engine.all_sum(loss.item()) / M
+        lengths = [(len(seqs[i][0]), len(seqs[i][1])) for i in rows]
+        with engine.loss_mode(model):  # train() under checkpointing, as GRPO's loss pass
+            for mb in engine.micro_batches(lengths, micro_batch, 1, max_tokens):
+                lp = tg.token_logprobs(model, [seqs[rows[j]] for j in mb], 1.0)  # (b, c)
+                loss = nll_loss(lp, W[mb, :lp.shape[1]].to(lp.device))
+                loss.backward()
+                total += engine.all_sum(loss.item()) / M
         engine.all_sum(bank.v.grad)  # torchrun: the gradient of every rank's share of the mini-batch
         grad_norm = torch.nn.utils.clip_grad_norm_([bank.v], grad_clip).item()
         opt.step()
