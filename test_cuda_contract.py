@@ -145,7 +145,8 @@ def run_args(folder, data, out, *extra):
             *extra]
 
 
-def test_train_grpo_builds_the_engine_it_means_to(gpu, recorded, answer_folder, sevens_jsonl, tmp_path):
+@pytest.mark.usefixtures("gpu")
+def test_train_grpo_builds_the_engine_it_means_to(recorded, answer_folder, sevens_jsonl, tmp_path):
     tg.main(run_args(answer_folder, sevens_jsonl, tmp_path))
     (llm,) = FakeLLM.built
     kw = llm.kwargs
@@ -160,7 +161,8 @@ def test_train_grpo_builds_the_engine_it_means_to(gpu, recorded, answer_folder, 
     assert resolved["grad_checkpointing"] is True and plan["ckpt"] is True
 
 
-def test_no_two_samples_of_a_step_share_a_seed(gpu, recorded, answer_folder, sevens_jsonl, tmp_path):
+@pytest.mark.usefixtures("gpu")
+def test_no_two_samples_of_a_step_share_a_seed(answer_folder, sevens_jsonl, tmp_path):
     tg.main(run_args(answer_folder, sevens_jsonl, tmp_path))
     (llm,) = FakeLLM.built
     seeds = [s for r in llm.requests for s in r["seeds"]]
@@ -169,8 +171,9 @@ def test_no_two_samples_of_a_step_share_a_seed(gpu, recorded, answer_folder, sev
     assert seeds == engine.row_seeds(tg.task.mix(3, 1), range(3), 4)
 
 
-def test_the_loss_pass_is_checkpointed_in_train_mode_grpo_and_sft(gpu, recorded, answer_folder,
-                                                                  sevens_jsonl, tmp_path):
+@pytest.mark.usefixtures("gpu")
+def test_the_loss_pass_is_checkpointed_in_train_mode_grpo_and_sft(recorded, answer_folder, sevens_jsonl,
+                                                                  tmp_path):
     tg.main(run_args(answer_folder, sevens_jsonl, tmp_path / "grpo"))
     grpo = list(recorded["loss_pass"])
     train_sft.main(run_args(answer_folder, sevens_jsonl, tmp_path / "sft"))
@@ -178,8 +181,8 @@ def test_the_loss_pass_is_checkpointed_in_train_mode_grpo_and_sft(gpu, recorded,
     assert grpo and sft and set(grpo) == set(sft) == {(True, True)}, (grpo, sft)
 
 
-def test_the_pushes_are_streamed_in_the_generators_dtype(gpu, recorded, answer_folder, sevens_jsonl,
-                                                          tmp_path):
+@pytest.mark.usefixtures("gpu")
+def test_the_pushes_are_streamed_in_the_generators_dtype(answer_folder, sevens_jsonl, tmp_path):
     tg.main(run_args(answer_folder, sevens_jsonl, tmp_path))
     (llm,) = FakeLLM.built
     assert len(llm.pushes) == 2 and llm.resets >= 2  # v = 0 at the start, then after the step
@@ -205,7 +208,8 @@ def bf16_adapter(folder, path):
     return bank
 
 
-def test_eval_on_a_bf16_generator_scores_the_trained_policy(gpu, answer_folder, sevens_jsonl, tmp_path):
+@pytest.mark.usefixtures("gpu")
+def test_eval_on_a_bf16_generator_scores_the_trained_policy(answer_folder, sevens_jsonl, tmp_path):
     adapter = str(tmp_path / "adapter.safetensors")
     bank = bf16_adapter(answer_folder, adapter)
     assert engine.delta_kept(bank, torch.bfloat16) < 0.9  # what the merged route would have pushed
@@ -238,3 +242,28 @@ def test_stand_in_names_are_vllms(answer_folder):
     assert set(kw) <= fields, set(kw) - fields
     sp = {f.name for f in dataclasses.fields(FakeSamplingParams)}
     assert sp <= set(SamplingParams.__struct_fields__), sp - set(SamplingParams.__struct_fields__)
+
+
+def test_gpu_check_keeps_every_finished_section_when_cut_short(monkeypatch, tmp_path):
+    """A 600 s call limit can kill the GPU check mid-run: what it measured before must be on disk."""
+    import gpu_check
+
+    def killed(*a):
+        raise KeyboardInterrupt  # what a time limit's signal looks like from inside
+    monkeypatch.setattr(gpu_check, "shape_checks", lambda *a: dict(measured=1.0))
+    monkeypatch.setattr(gpu_check, "end_to_end", killed)
+    out = tmp_path / "check.json"
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--tiny", "--tokenizer", "unused", "--out", str(out), "--work", str(tmp_path)])
+    report = json.load(open(out))
+    assert report["shape_tiny"] == dict(measured=1.0) and report["torch"] == torch.__version__
+    assert "transformers" in report and "finished" not in report
+
+
+def test_the_reward_plot_is_skipped_in_one_line_without_matplotlib(monkeypatch, tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps(dict(kind="train", step=1, reward=0.5)) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    engine.plot_rewards(str(log), str(tmp_path / "reward.png"))
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "reward.png").exists()

@@ -436,7 +436,7 @@ def saved_bytes_per_token_per_layer(m, seqs, checkpointing):
     own hooks hide the inner ones: that is the point). Returns (bytes per token per layer, v's gradient)."""
     inside, total, forward = [False], [0], [True]
 
-    def enter(mod, args, kwargs):  # (also runs when backward recomputes a checkpointed layer: not counted)
+    def enter(mod, args, kwargs):  # noqa: ARG001 (also runs when backward recomputes a checkpointed layer: not counted)
         inside[0] = forward[0]
         if checkpointing and forward[0]:
             total[0] += kwargs.get("hidden_states", args[0] if args else None).nbytes
