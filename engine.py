@@ -528,7 +528,7 @@ def setup(args, loaded=None):
     rows, shots = task.load_task(args.data, "train", args.shots, args.val)
     model, tok = loaded[:2] if loaded else load_model(args.model, dtype=dtype, device=dev)
     plan = dict(params=args.params) if args.u is None else dict(u=args.u, n_tie=args.n_tie)
-    bank = tinylora.apply_tinylora(model, r=args.r, tie=args.tie, targets=args.targets.split(","), seed=args.seed, svd=args.svd,
+    bank = tinylora.apply_tinylora(model, r=args.r, tie=args.tie, targets=args.targets.split(","), seed=args.proj_seed, svd=args.svd,
                                    lora_xs=args.lora_xs, verbose=True, **plan)
     bank.config["base_model"] = args.model
     if ckpt:
@@ -629,11 +629,11 @@ def shard(n, rank, world, mini_batches):
     return [m * n // mini_batches + rank * per + i for m in range(mini_batches) for i in range(per)]
 
 
-def gather_step(r, comps, golds, old):
-    """Every rank's rewards (n,), completions, golds and π_old rows (n, C), in rank order, on every rank."""
+def gather_step(r, comps, problems, old):
+    """Every rank's rewards (n,), completions, problems and π_old rows (n, C), in rank order, on every rank."""
     if rank_world()[1] == 1:
-        return r, comps, golds, old
-    rows = gather([(r[i].item(), c, g, old[i, :len(c["ids"])].tolist()) for i, (c, g) in enumerate(zip(comps, golds))])
+        return r, comps, problems, old
+    rows = gather([(r[i].item(), c, p, old[i, :len(c["ids"])].tolist()) for i, (c, p) in enumerate(zip(comps, problems))])
     old = torch.zeros(len(rows), max(len(c["ids"]) for _, c, _, _ in rows))
     for i, (_, _, _, o) in enumerate(rows):
         old[i, :len(o)] = torch.tensor(o)
@@ -759,10 +759,18 @@ def save_checkpoint(path, bank, opt, step, opt_steps, args_dict):
     tinylora.save_safetensors(tensors, path, "trainer", meta)
 
 
+PLAN_KEYS = ("r", "u", "tie", "seed", "svd", "lora_xs", "group_sizes")  # v means nothing under another
+
+
 def load_checkpoint(path, bank, opt):
     """Restore v and the Adam state from `path`; returns (step, optimizer steps)."""
     t, meta = tinylora.read_safetensors(path, "trainer", "checkpoint")
     tinylora.check_fingerprint(meta["tinylora"]["fingerprint"], bank.config["fingerprint"], path)
+    ours = {k: bank.config.get(k) for k in PLAN_KEYS}
+    theirs = {k: meta["tinylora"].get(k, ours[k]) for k in PLAN_KEYS}  # older files lack group_sizes
+    if theirs != ours:
+        diff = {k: (theirs[k], ours[k]) for k in PLAN_KEYS if theirs[k] != ours[k]}
+        raise ValueError(f"{path}: the checkpoint's adapter plan differs from this run's (saved, now): {diff}")
     with torch.no_grad():
         bank.v.copy_(t["v"])
     if "exp_avg" in t:
@@ -795,7 +803,7 @@ def recover_run(out, step):
 # Metrics and the plot
 
 
-def step_metrics(r, A_group, comps, golds, old, roll, stats, tis_cap):
+def step_metrics(r, A_group, comps, problems, old, roll, stats, tis_cap):
     """The per-step log row: reward, answers, lengths, the trainer-vs-sampler gap, TIS and clip statistics.
     r (N,) rewards; old, roll (N, C) the trainer's π_old and the sampler's log-probs."""
     n = torch.tensor([len(c["ids"]) for c in comps])
@@ -803,8 +811,8 @@ def step_metrics(r, A_group, comps, golds, old, roll, stats, tis_cap):
     gap, isw = (old - roll)[mask], torch.exp(old - roll)[mask]
     frac = lambda xs: sum(xs) / len(comps)  # noqa: E731
     return dict(reward=r.mean().item(), reward_std=r.std().item(),
-                hash_right=frac(task.same_number(task.extract_strict(c["text"]), g) for c, g in zip(comps, golds)),
-                flexible=frac(task.same_number(task.extract_flexible(c["text"]), g) for c, g in zip(comps, golds)),
+                hash_right=frac(task.same_number(task.extract_strict(c["text"]), p["gold"]) for c, p in zip(comps, problems)),
+                flexible=frac(task.same_number(task.extract_flexible(c["text"]), p["gold"]) for c, p in zip(comps, problems)),
                 frac_zero_std=(r.view(-1, A_group).std(1) == 0).float().mean().item(),
                 len_mean=n.float().mean().item(), truncated=frac(not c["finished"] for c in comps),
                 clip_low=stats["clip_low"] / mask.sum().item(), clip_high=stats["clip_high"] / mask.sum().item(),

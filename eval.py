@@ -7,8 +7,10 @@ GSM8K evaluation: the same model, prompt, greedy decoding and extractor, with an
     python eval.py --model <smollm2> --data arith --adapter runs/cpu-demo/adapter.safetensors --compare --max-new-tokens 40
 
 Protocol (printed with every report): greedy, the chat template and prompt of task.py (the same module
-train_grpo.py uses), the full test split unless --limit. Strict accuracy = the training reward (the number after the
-last '####' equals the gold and the reply ended on its own); flexible = the last number in the reply.
+train_grpo.py uses), the full test split unless --limit. Three scores per reply: paper = verl's GSM8K rule, the
+paper's metric (the last '#### N' in the last 300 characters string-equals the gold; cut-off replies count);
+strict = ours (the number after the last '####' equals the gold and the reply ended on its own); flexible =
+the last number in the reply.
 
 Chosen where the paper is silent:
  1. 95% intervals are Wilson score intervals (sound near 0% and 100%, unlike the normal approximation).
@@ -32,6 +34,9 @@ import tinylora
 
 # -----------------------------------------------------------------------------
 # Metrics: pure functions
+
+
+METRICS = ("paper", "strict", "flexible")
 
 
 def wilson(k, n, z=1.959964):
@@ -58,7 +63,7 @@ def summarize(results):
     """Accuracies with intervals, lengths, truncation and unparseable counts over a list of score dicts."""
     n = len(results)
     out = dict(n=n)
-    for k in ("strict", "flexible"):
+    for k in METRICS:
         hits = sum(r[k] for r in results)
         lo, hi = wilson(hits, n)
         out[k] = dict(acc=hits / n, correct=hits, ci95=[lo, hi])
@@ -126,7 +131,7 @@ def run(gen, items, args, label):
     for s in tqdm(range(0, len(mine), args.batch_size), desc=label, disable=rank > 0):
         comps += gen.generate([p for _, p in mine[s:s + args.batch_size]], 1, args.max_new_tokens, 0.0, args.seed)
     res = engine.gather([dict(question=r["question"], gold=r["gold"], reply=c["text"],
-                              **task.score(c["text"], r["gold"], c["finished"], len(c["ids"])))
+                              **task.score(c["text"], r, c["finished"], len(c["ids"])))
                          for (r, _), c in zip(mine, comps)])
     return res, dict(summarize(res), seconds=time.time() - t0)
 
@@ -136,20 +141,22 @@ def heldout(gen, tok, args, step):
     rows, shots = task.load_task(args.data, "test", args.shots)
     items = task.prompt_ids(tok, rows[:args.eval_n], shots, args.max_prompt)
     _, m = run(gen, items, argparse.Namespace(batch_size=64, max_new_tokens=args.max_new_tokens, seed=args.seed), "eval")
-    row = dict(kind="eval", step=step, n=m["n"], seconds=m["seconds"], strict=m["strict"]["acc"],
-               flexible=m["flexible"]["acc"], has_hash=m["has_hash"], finished=1 - m["truncated"])
+    row = dict(kind="eval", step=step, n=m["n"], seconds=m["seconds"], paper=m["paper"]["acc"],
+               strict=m["strict"]["acc"], flexible=m["flexible"]["acc"], has_hash=m["has_hash"],
+               finished=1 - m["truncated"])
     if engine.rank_world()[0] == 0:
-        print(f"eval @ step {step}: strict {row['strict']:.1%}  flexible {row['flexible']:.1%}  "
+        print(f"eval @ step {step}: paper {row['paper']:.1%}  strict {row['strict']:.1%}  "
+              f"flexible {row['flexible']:.1%}  "
               f"'####' present {row['has_hash']:.1%}  ({row['seconds']:.0f}s)")
     return row
 
 
 def print_report(report, args, n):
     print(f"\n{args.model} on {args.data} [{args.split}], {n} problems, greedy, {args.max_new_tokens} new tokens")
-    print(f"{'':8s} {'strict':>24s} {'flexible':>24s} {'####':>6s} {'trunc':>6s} {'tokens':>7s} {'time':>6s}")
+    print(f"{'':8s} " + " ".join(f"{k:>24s}" for k in METRICS) + f" {'####':>6s} {'trunc':>6s} {'tokens':>7s} {'time':>6s}")
     cell = lambda x: f"{x['acc']:6.1%} [{x['ci95'][0]:5.1%}, {x['ci95'][1]:5.1%}]"  # noqa: E731
     for k, m in report["models"].items():
-        print(f"{k:8s} {cell(m['strict']):>24s} {cell(m['flexible']):>24s} {m['has_hash']:6.1%} "
+        print(f"{k:8s} " + " ".join(f"{cell(m[x]):>24s}" for x in METRICS) + f" {m['has_hash']:6.1%} "
               f"{m['truncated']:6.1%} {m['mean_tokens']:7.1f} {m['seconds']:5.0f}s")
     for k, c in report.get("compare", {}).items():
         print(f"{k}: adapter − base = {c['diff']:+.1%} ({c['adapter_only']} gained, {c['base_only']} lost), "
@@ -163,7 +170,8 @@ def main(argv=None):
     rows, shots = task.load_task(args.data, args.split, args.shots, args.val)
     rows = rows[:args.limit] if args.limit else rows
     protocol = dict(decoding="greedy", prompt="chat template: K solved train problems as earlier turns, then question + "
-                    + json.dumps(task.SUFFIX), shots=len(shots), strict="number after the last '####' == gold, reply ended with EOS",
+                    + json.dumps(task.SUFFIX), shots=len(shots), paper="verl: last '#### N' in the last 300 chars == gold as a string",
+                    strict="number after the last '####' == gold, reply ended with EOS",
                     flexible="last number in the reply == gold", max_new_tokens=args.max_new_tokens)
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"protocol: {json.dumps(protocol)}\nbackend {backend}, device {dev}, dtype {dtype}" + (f", {world} ranks" if world > 1 else ""))
@@ -196,7 +204,7 @@ def main(argv=None):
         report["problems"][label], report["models"][label] = run(gen, items, args, label)
     if args.compare:
         report["compare"] = {k: compare(report["problems"]["base"], report["problems"]["adapter"], k)
-                             for k in ("strict", "flexible")}
+                             for k in METRICS}
     if rank > 0:
         return report
     print_report(report, args, len(items))

@@ -8,7 +8,8 @@ RL versus SFT across parameter budgets: the paper's Figures 1-2 in miniature, in
 Budgets: N = exactly N trained scalars (train_grpo.py --params N); xsR = LoRA-XS of rank R, untied (R² per
 module). For each budget and method (rl = train_grpo.py, sft = train_sft.py) each --lrs value is trained
 with seed 0 and scored greedily on the validation split (the last --val training problems); the best one
-is scored on the held-out split and trained again with the other seeds. Flags this script does not know go
+is scored on the held-out split and trained again with the other seeds (--seed: data order and
+sampling; P and the SVD sketch stay those of --proj-seed). Flags this script does not know go
 to both trainers (e.g. --steps 10). One model and one generator serve every run, in-process. Writes
 OUT/results.jsonl (one row per evaluation, with every problem's verdict), OUT/table.md, OUT/accuracy.png.
 Killed? Run the same command: evaluations on file are kept, a run in progress resumes from its checkpoint.
@@ -85,7 +86,7 @@ def score(gen, tok, bank, t, split, limit):
     gen.push(bank)
     res, summary = evaluation.run(gen, items, types.SimpleNamespace(batch_size=64, max_new_tokens=t.max_new_tokens,
                                                                      seed=t.seed), split)
-    return [dict(strict=r["strict"], flexible=r["flexible"]) for r in res], summary
+    return [{k: r[k] for k in evaluation.METRICS} for r in res], summary
 
 
 def train_and_score(args, loaded, done, method, budget, lr, seed, splits):

@@ -5,9 +5,10 @@ Shared by train_grpo.py and eval.py, so training and evaluation can never disagr
 Rows are {question, gold}. Run `pytest -q test_task.py` for its tests.
 
 Chosen where the paper is silent:
- 1. Reward = 1 only if the completion ended on its own (EOS) *and* the number after the last "####"
-    equals the gold number (numeric compare). A prototype that rewarded cut-off completions learned
-    never to stop.
+ 1. Two rewards (--reward). paper: verl's GSM8K rule, which the paper trained and scored with (the last
+    "#### N" in the reply's last 300 characters, commas dropped, string-equal to the gold; cut-off
+    replies count). strict: the reply ended on its own (EOS) *and* its last "####" number equals the gold
+    numerically (a prototype that rewarded cut-off completions learned never to stop).
  2. Local .jsonl files are read line by line with the json module (not `datasets`), so that a bad file
     is reported with its line number and never as a traceback; hub ids go through `datasets`.
  3. --data arith: a ± b with a, b in 1..20, because SmolLM2-135M scores 0.5% strict on GSM8K: too sparse
@@ -66,15 +67,33 @@ def same_number(a, b):
     return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6)
 
 
-def reward(text, gold, finished):
-    """1.0 iff the completion stopped on its own and its '####' answer equals gold, else 0.0."""
-    return float(bool(finished) and same_number(extract_strict(text), gold))
+PAPER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
+REWARDS = ("paper", "strict")
 
 
-def score(reply, gold, finished, n_tokens):
-    """One problem's verdicts. strict = the training reward (the number after '####' is right and the
-    reply stopped); hash_right = that number is right, stopped or not; flexible = the last number is."""
-    return dict(strict=reward(reply, gold, finished) == 1.0,
+def paper_answer(text):
+    """verl's GSM8K extraction (verl/utils/reward_score/gsm8k.py, as in the author's fork): the last
+    '#### N' (one space, no '$') in the text's last 300 characters, N's commas removed, as a string."""
+    hits = PAPER_RE.findall(text[-300:])
+    return hits[-1].replace(",", "").replace("$", "") if hits else None
+
+
+def reward(text, problem, finished, rule):
+    """1.0 or 0.0 for a reply to `problem` (a task row). paper: paper_answer(text) == its answer string,
+    stopped or not. strict: the reply stopped and its last '####' number equals its gold numerically."""
+    if rule == "paper":
+        return float(paper_answer(text) == problem["answer"])
+    if rule == "strict":
+        return float(bool(finished) and same_number(extract_strict(text), problem["gold"]))
+    raise ValueError(f"unknown reward {rule!r} (use {' or '.join(REWARDS)})")
+
+
+def score(reply, problem, finished, n_tokens):
+    """One problem's verdicts: paper and strict (the two rewards), hash_right (the last '####' number is
+    right, stopped or not), flexible (the last number is)."""
+    gold = problem["gold"]
+    return dict(paper=reward(reply, problem, finished, "paper") == 1.0,
+                strict=reward(reply, problem, finished, "strict") == 1.0,
                 hash_right=same_number(extract_strict(reply), gold),
                 flexible=same_number(extract_flexible(reply), gold),
                 has_hash=extract_strict(reply) is not None,
@@ -110,15 +129,17 @@ def read_jsonl(path):
 
 
 def gsm8k_row(ex, where):
-    """{question, gold, solution} from a GSM8K record {question, answer: '... #### N'}; a clear error otherwise.
-    solution = the answer without its <<calculator>> annotations: the SFT target and a shot's text."""
+    """{question, gold, answer, solution} from a GSM8K record {question, answer: '... #### N'}; a clear error
+    otherwise. gold: N as a number; answer: N as verl's ground truth (the string, commas removed);
+    solution: the record's answer without its <<calculator>> annotations (the SFT target, a shot's text)."""
     q = ex.get("question") if isinstance(ex, dict) else None
     a = ex.get("answer") if isinstance(ex, dict) else None
     gold = extract_strict(a) if isinstance(a, str) else None
     if not isinstance(q, str) or not q.strip() or gold is None:
         raise ValueError(f"{where}: needs a 'question' and an 'answer' ending in '#### <number>', "
                          f"got {str(ex)[:120]}")
-    return dict(question=q, gold=gold, solution=re.sub(r"<<[^>]*>>", "", a).strip())
+    answer = paper_answer(a) or STRICT_RE.findall(a)[-1].replace(",", "")
+    return dict(question=q, gold=gold, answer=answer, solution=re.sub(r"<<[^>]*>>", "", a).strip())
 
 
 def load_gsm8k(spec, split):
@@ -147,7 +168,8 @@ def arith_rows(split, seed=0):
     rows = []
     for a, op, b in part:
         c = a + b if op == "+" else a - b
-        rows.append(dict(question=f"What is {a} {op} {b}?", gold=float(c), solution=f"{a} {op} {b} = {c}.\n#### {c}"))
+        rows.append(dict(question=f"What is {a} {op} {b}?", gold=float(c), answer=str(c),
+                         solution=f"{a} {op} {b} = {c}.\n#### {c}"))
     return rows
 
 

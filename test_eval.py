@@ -39,7 +39,8 @@ def test_strict_flexible_split_on_a_table_of_replies():
         ("#### 7, so 8 in total", 7, True, True, False, False),
         ("I don't know", 7, True, False, False, True),
     ]
-    res = [task.score(r, g, f, 5) for r, g, f, *_ in table]
+    res = [task.score(r, dict(gold=g, answer=str(g)), f, 5) for r, g, f, *_ in table]
+    assert [x["paper"] for x in res] == [True, False, True, False, True, False]  # stopped or not
     assert [x["strict"] for x in res] == [t[3] for t in table]
     assert [x["flexible"] for x in res] == [t[4] for t in table]
     assert [x["unparseable"] for x in res] == [t[5] for t in table]

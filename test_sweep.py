@@ -20,7 +20,7 @@ def test_demos_are_the_gold_solution_then_eos(smol_tok):
     seqs = train_sft.demos(smol_tok, batch, smol_tok.eos_token_id)
     for (row, p), (p2, c) in zip(batch, seqs):
         assert p2 == p and c[-1] == smol_tok.eos_token_id
-        assert smol_tok.decode(c[:-1]) == row["solution"] and task.reward(smol_tok.decode(c[:-1]), row["gold"], True) == 1
+        assert smol_tok.decode(c[:-1]) == row["solution"] and all(task.reward(smol_tok.decode(c[:-1]), row, True, k) == 1 for k in task.REWARDS)
 
 
 @pytest.mark.parametrize("micro_batch", [1, 2, 5])
@@ -61,7 +61,8 @@ def test_sweep_smoke_on_a_tiny_model_runs_every_point_and_resumes(answer_folder,
     out = tmp_path / "sweep"
     argv = [sys.executable, "sweep.py", "--model", answer_folder, "--data", sevens_jsonl, "--backend", "hf",
             "--budgets", "1,xs1", "--lrs", "0.01,0.1", "--extra-seeds-for", "1", "--val", "2", "--eval-limit", "0", "--out", str(out),
-            "--batch-prompts", "2", "--group-size", "4", "--max-new-tokens", "6", "--steps", "2", "--mini-batches", "1"]
+            "--batch-prompts", "2", "--group-size", "4", "--max-new-tokens", "6", "--steps", "2", "--mini-batches", "1",
+            "--reward", "strict"]
     p = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(x) for x in open(out / "results.jsonl")]

@@ -32,12 +32,38 @@ def test_extraction_table(text, strict, flex):
     assert task.extract_flexible(text) == flex
 
 
+P18 = dict(gold=18.0, answer="18")  # a task row's two golds: the number, and verl's ground-truth string
+
+
 def test_reward_needs_the_number_and_a_finished_completion():
-    assert task.reward("#### 18", 18.0, True) == 1.0
-    assert task.reward("#### 18", 18.0, False) == 0.0  # cut off at the limit: no reward (the reward hole)
-    assert task.reward("#### 17", 18.0, True) == 0.0
-    assert task.reward("The answer is 18", 18.0, True) == 0.0  # strict: the format is part of the task
+    assert task.reward("#### 18", P18, True, "strict") == 1.0
+    assert task.reward("#### 18", P18, False, "strict") == 0.0  # cut off at the limit: no reward (the reward hole)
+    assert task.reward("#### 17", P18, True, "strict") == 0.0
+    assert task.reward("The answer is 18", P18, True, "strict") == 0.0  # strict: the format is part of the task
     assert task.same_number(0.1 + 0.2, 0.3) and not task.same_number(None, 3.0) and not task.same_number(2.0, 3.0)
+    with pytest.raises(ValueError, match="unknown reward 'exact'"):
+        task.reward("#### 18", P18, True, "exact")
+
+
+@pytest.mark.parametrize("reply,finished,paper,strict", [  # gold 18, or 1234 where the reply says so
+    ("so 9 + 9 = 18\n#### 18", True, 1, 1),
+    ("#### 18.", True, 0, 1),  # verl compares strings: '18.' != '18'
+    ("#### 18.00", True, 0, 1),
+    ("#### 1,234", True, 1, 1),  # commas dropped on both sides
+    ("#### $18", True, 0, 1),  # verl's pattern wants a digit, '-', '.' or ',' right after '#### '
+    ("####18", True, 0, 1),  # ... and exactly one space
+    ("####  18", True, 0, 1),
+    ("#### 18", False, 1, 0),  # cut off at the token limit: verl does not care, strict does
+    ("#### 17 no wait #### 18", True, 1, 1),  # both take the last '####'
+    ("#### 18 no wait #### 17", True, 0, 0),
+    ("#### 18" + " and so on" * 30, True, 0, 1),  # verl reads only the last 300 characters
+    ("The answer is 18.", True, 0, 0),
+    ("#### -18", True, 0, 0),
+])
+def test_paper_and_strict_rewards_on_the_replies_where_they_disagree(reply, finished, paper, strict):
+    problem = dict(gold=1234.0, answer="1234") if "1,234" in reply else P18
+    assert task.reward(reply, problem, finished, "paper") == paper
+    assert task.reward(reply, problem, finished, "strict") == strict
 
 
 @settings(max_examples=300, deadline=None)
@@ -46,13 +72,15 @@ def test_extractors_never_raise(text):
     for f in (task.extract_strict, task.extract_flexible, task.parse_number):
         out = f(text)
         assert out is None or isinstance(out, float)
-    assert task.reward(text, 3.0, True) in (0.0, 1.0)
+    assert task.paper_answer(text) is None or isinstance(task.paper_answer(text), str)
+    assert all(task.reward(text, dict(gold=3.0, answer="3"), True, k) in (0.0, 1.0) for k in task.REWARDS)
 
 
 def test_gsm8k_golds_parse_and_bad_rows_are_named(tmp_path):
     rows = task.load_gsm8k(need_shared(GSM8K_TEST), "test")
     assert len(rows) == 1319 and all(r["gold"] == int(r["gold"]) for r in rows)
-    assert rows[0]["gold"] == 18.0  # Janet's ducks
+    assert rows[0]["gold"] == 18.0 and rows[0]["answer"] == "18"  # Janet's ducks
+    assert all(float(r["answer"]) == r["gold"] and "," not in r["answer"] for r in rows)  # verl's golds
     assert len(task.load_gsm8k(os.path.dirname(GSM8K_TRAIN), "train")) == 7473  # a folder with {split}.jsonl
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(dict(question="q", answer="#### 3")) + "\n" + json.dumps(dict(question="q", answer="no")) + "\n")
@@ -88,7 +116,7 @@ def test_shots_and_validation_come_from_train_and_are_never_trained_on():
 
 def test_gsm8k_solution_drops_calculator_annotations():
     row = task.gsm8k_row({"question": "q?", "answer": "48/2 = <<48/2=24>>24 clips.\n#### 24"}, "x")
-    assert row == dict(question="q?", gold=24.0, solution="48/2 = 24 clips.\n#### 24")
+    assert row == dict(question="q?", gold=24.0, answer="24", solution="48/2 = 24 clips.\n#### 24")
 
 
 def test_prompt_is_the_shots_as_earlier_turns_in_one_format(smol_tok):
@@ -108,8 +136,8 @@ def test_prompt_is_the_shots_as_earlier_turns_in_one_format(smol_tok):
 def test_jsonl_loader_reports_the_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"question": "q", "answer": "#### 3"}\n\n{"question": "q2", "answer": "x #### 4"}\n')
-    assert task.load_gsm8k(str(p), "train") == [dict(question="q", gold=3.0, solution="#### 3"),
-                                                  dict(question="q2", gold=4.0, solution="x #### 4")]
+    assert task.load_gsm8k(str(p), "train") == [dict(question="q", gold=3.0, answer="3", solution="#### 3"),
+                                                  dict(question="q2", gold=4.0, answer="4", solution="x #### 4")]
     for content, msg in [("", "no rows"), ('{"question": "q", "answer": "#### 1"}\n{oops\n', "line 2: not valid JSON"),
                          ('{"q": 1}\n', "line 1: needs"), ('{"question": "", "answer": "#### 1"}\n', "line 1: needs"),
                          ('{"question": "q", "answer": "#### ' + "9" * 400 + '"}\n', "line 1: needs")]:

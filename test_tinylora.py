@@ -123,40 +123,71 @@ def test_zero_init_is_bit_identical_smollm2(smol):
 
 # (c) exact budgets ------------------------------------------------------------------------------------
 
-@settings(max_examples=200, deadline=None)
-@given(n=st.integers(1, 300), r=st.integers(1, 3), N=st.integers(1, 2700))
-def test_plan_gives_exactly_N_in_contiguous_balanced_groups(n, r, N):
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 300), r=st.integers(1, 3), N=st.integers(1, 2700), balanced=st.booleans())
+def test_plan_gives_exactly_N_as_the_authors_tiles_when_they_exist(n, r, N, balanced):
     names = [f"m{i}" for i in range(n)]
-    if N > n * r * r:
-        with pytest.raises(ValueError, match="nearest feasible"):
-            T.plan_groups(names, ["t"] * n, r, params=N)
-        return
-    # oracle: brute force over every (u, number of groups) pair that makes exactly N scalars
     pairs = [(u, g) for u in range(1, r * r + 1) for g in range(1, n + 1) if u * g == N]
-    if not pairs:
+    if not pairs:  # oracle: no (u ≤ r², number of groups ≤ n) makes exactly N scalars
         with pytest.raises(ValueError, match="nearest feasible"):
-            T.plan_groups(names, ["t"] * n, r, params=N)
+            T.plan_groups(names, ["t"] * n, r, params=N, balanced=balanced)
         return
-    u, groups = T.plan_groups(names, ["t"] * n, r, params=N)
-    assert (u, len(groups)) == min(pairs)  # u as small as possible, hence as many groups as possible
+    u, groups = T.plan_groups(names, ["t"] * n, r, params=N, balanced=balanced)
     assert sum(groups, []) == names  # contiguous, in order, every module exactly once
+    assert u * len(groups) == N
     sizes = [len(g) for g in groups]
-    assert max(sizes) - min(sizes) <= 1
+    # oracle: brute force over every (u, n_tie) whose consecutive tiles (last shorter) give exactly N
+    tilings = [(t, w) for t in range(1, r * r + 1) for w in range(1, n + 1) if t * -(-n // w) == N]
+    if tilings and not balanced:
+        t, w = min(tilings)  # the smallest u, then the smallest n_tie
+        assert (u, sizes) == (t, [min(w, n - i) for i in range(0, n, w)])
+    else:
+        assert (u, len(groups)) == min(pairs)  # u as small as possible, hence as many groups as possible
+        assert max(sizes) - min(sizes) <= 1
 
 
-def test_paper_13_on_qwen25_7b_shape():
+def test_paper_budgets_on_qwen25_7b_shape_are_the_authors_tiles():
     n = 196  # 28 layers × 7 projections
     names = [f"model.layers.{i // 7}.{t}" for i, t in enumerate(["q", "k", "v", "o", "g", "u", "d"] * 28)]
-    u, groups = T.plan_groups(names, ["x"] * n, 2, u=1, n_tie=16)  # the paper's tiles
-    assert (u, len(groups), [len(g) for g in groups]) == (1, 13, [16] * 12 + [4])
-    u, groups = T.plan_groups(names, ["x"] * n, 2, params=13)  # balanced
+    u, groups = T.plan_groups(names, ["x"] * n, 2, params=13)  # = u=1, n_tie=16
+    assert (u, [len(g) for g in groups]) == (1, [16] * 12 + [4])
+    assert T.plan_groups(names, ["x"] * n, 2, u=1, n_tie=16) == (u, groups)
+    assert T.describe_sizes([len(g) for g in groups]) == "13 tiles of 16 modules, the last 4"
+    for N, n_tie in [(1, 196), (2, 98), (4, 49), (7, 28), (25, 8), (49, 4), (98, 2), (196, 1)]:  # Fig. 1
+        u, groups = T.plan_groups(names, ["x"] * n, 2, params=N)
+        assert (u, [len(g) for g in groups]) == (1, T.tile_sizes(n, n_tie)), N
+    u, groups = T.plan_groups(names, ["x"] * n, 2, params=13, balanced=True)
     assert (u, len(groups), sorted({len(g) for g in groups})) == (1, 13, [15, 16])
     assert T.plan_groups(names, ["x"] * n, 2, params=392)[0] == 2
     with pytest.raises(ValueError, match=r"nearest feasible budgets: \[195, 196, 198, 200\]"):
         T.plan_groups(names, ["x"] * n, 2, params=197)
 
 
-@pytest.mark.parametrize("bad", [dict(params=0), dict(params=-3), dict(u=5, n_tie=1), dict(u=1, n_tie=0),
+def test_peft_reading_of_13_one_v_of_13_shared_by_every_module():
+    """u = 13 > r² with one group of every module: 13 scalars, zero-init exact, and all 13 move the
+    model (each module's R is its own linear image of v, so shared v keeps all 13 directions)."""
+    m = tiny_model("qwen2", vocab=300, layers=2)
+    x = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        base = m(x).logits
+    bank = T.apply_tinylora(m, u=13, n_tie=14)  # 2 layers × 7 = 14 modules
+    assert bank.num_params() == 13 and bank.v.shape == (1, 13) and len(bank.groups) == 1
+    with torch.no_grad():
+        assert torch.equal(m(x).logits, base)
+    m(x).logits.square().sum().backward()
+    J = torch.stack([torch.autograd.functional.jacobian(
+        lambda v: T.R(v, L.P).flatten(), bank.v.detach()[0]) for L in bank.layers.values()])  # (14, 4, 13)
+    assert bank.v.grad.abs().min() > 0 and torch.linalg.matrix_rank(J.reshape(-1, 13)) == 13
+
+
+def test_lora_xs_budget_beyond_the_modules_is_refused_not_shrunk():
+    names = [f"m{i}" for i in range(196)]
+    assert len(T.make_plan(names, ["t"] * 196, 2, params=784, lora_xs=True)[1]) == 196
+    with pytest.raises(ValueError, match="1568 needs 392 groups"):
+        T.make_plan(names, ["t"] * 196, 2, params=1568, lora_xs=True)
+
+
+@pytest.mark.parametrize("bad", [dict(params=0), dict(params=-3), dict(u=0, n_tie=1), dict(u=1, n_tie=0),
                                  dict(params=13, u=1), dict()])
 def test_plan_rejects_bad_requests(bad):
     with pytest.raises(ValueError):

@@ -381,7 +381,7 @@ def test_bad_adapter_flags_on_a_real_model_write_nothing(tmp_path):
 def tiny_run_args(folder, data, out):
     return ["--model", folder, "--data", data, "--backend", "hf", "--batch-prompts", "2", "--group-size", "8",
             "--max-new-tokens", "6", "--steps", "5", "--lr", "0.05", "--mini-batches", "2", "--micro-batch", "5",
-            "--warmup", "0", "--eval-n", "0", "--sample-every", "0", "--out", str(out)]
+            "--warmup", "0", "--eval-n", "0", "--sample-every", "0", "--reward", "strict", "--out", str(out)]
 
 
 def run_state(out):
@@ -421,6 +421,26 @@ def test_resume_after_kill_9_and_a_torn_write_equals_the_uninterrupted_run(answe
     p = run("--resume", str(part))
     assert p.returncode == 0 and run_state(part)[3] == want[3]
     assert (full / "reward.png").stat().st_size > 1000
+
+
+def test_proj_seed_fixes_P_and_the_factors_and_seed_only_the_data_and_samples(answer_folder, sevens_jsonl,
+                                                                               tmp_path):
+    def one(name, *flags):
+        argv = tiny_run_args(answer_folder, sevens_jsonl, tmp_path / name)
+        bank = tg.main([a if a != "5" else "1" for a in argv] + list(flags))
+        log = [json.loads(x) for x in open(tmp_path / name / "log.jsonl")]
+        P = {n: L.P.clone() for n, L in bank.layers.items()}
+        return tinylora.read_adapter(str(tmp_path / name / "adapter.safetensors"))[1], P, log
+
+    meta, P, log = one("a", "--seed", "0")
+    meta_s, P_s, log_s = one("b", "--seed", "1")
+    meta_p, P_p, _ = one("c", "--seed", "0", "--proj-seed", "1")
+    assert meta["seed"] == meta_s["seed"] == 0 and meta_p["seed"] == 1  # the adapter records P's seed
+    assert meta["fingerprint"] == meta_s["fingerprint"] != meta_p["fingerprint"]  # the sketch's factors
+    assert all(torch.equal(P[n], P_s[n]) and not torch.equal(P[n], P_p[n]) for n in P)
+    assert log[0]["reward"] != log_s[0]["reward"] or log[0]["len_mean"] != log_s[0]["len_mean"]
+    with pytest.raises(ValueError, match=r"adapter plan differs.*'seed': \(0, 1\)"):
+        tg.main(["--resume", str(tmp_path / "a"), "--proj-seed", "1", "--steps", "2"])
 
 
 def test_the_gpu_recipe_on_a_machine_without_a_gpu_is_refused_before_anything_loads(monkeypatch):

@@ -15,8 +15,8 @@ Choices made where the paper is silent (the measurements behind them: README, "D
  4. SVD in fp32 with canonical signs (R is not sign-invariant); randomized by default (q = r + 32, 20
     power iterations), because these spectra are flat and common settings miss σ by up to 6%; its
     sketch comes from a CPU generator, so a GPU and a laptop build the same U, V (checked on load).
- 5. params=N: the smallest u dividing N with N/u ≤ modules, in N/u contiguous balanced groups; or u and
-    n_tie (the paper's tiles); "structured" ties one module type across consecutive layers.
+ 5. params=N: the author's tiles (u = 1 and the smallest n_tie with ⌈modules/n_tie⌉ = N; then u = 2..r²),
+    else N/u balanced groups; or u and n_tie directly; "structured" ties one type across layers.
  6. Merged weights W0 + ΔW are computed in fp32 from the untouched W0 and cast once, never in place.
  7. The adapter file is v + JSON metadata (safetensors); the base's fingerprint refuses another model.
  8. ΔW = B A with A = Vᵀ, B = U Σ R is an exact rank-r LoRA: `export-lora` writes it with no approximation.
@@ -115,41 +115,60 @@ def balanced_sizes(n, g):
     return [n // g + (1 if i < n % g else 0) for i in range(g)]
 
 
-def resolve_u(n_modules, r, params):
-    """The paper's rule (§7): the smallest u dividing N with N/u ≤ modules (and u ≤ r²)."""
+def tile_sizes(n, n_tie):
+    """The author's tying: consecutive tiles of n_tie items, the last one shorter."""
+    return [min(n_tie, n - i) for i in range(0, n, n_tie)]
+
+
+def tile_width(n, g):
+    """The smallest n_tie that cuts n items into exactly g tiles, or None when no n_tie does
+    (⌈n/w⌉ falls with w, so the only candidate is the smallest w with ⌈n/w⌉ ≤ g, i.e. ⌈n/g⌉)."""
+    w = -(-n // g)
+    return w if -(-n // w) == g else None
+
+
+def budget_sizes(n, r, params, balanced=False):
+    """(u, group sizes) for exactly `params` scalars over n modules in layer order, u ≤ r². The author's
+    tiles when they exist: u = 1 and the smallest n_tie with ⌈n/n_tie⌉ = params, then u = 2 … r² the
+    same way (13 on the 7B's 196 modules: tiles of 16, the last 4); otherwise (or if balanced)
+    params/u balanced groups with the smallest u. An infeasible budget: the nearest feasible ones."""
     if params <= 0:
         raise ValueError(f"params must be positive, got {params}")
-    for u in range(1, r * r + 1):
-        if params % u == 0 and params // u <= n_modules:
-            return u
-    ok = sorted({u * g for u in range(1, r * r + 1) for g in range(1, n_modules + 1)})  # feasible budgets
-    near = [b for b in ok if b < params][-2:] + [b for b in ok if b > params][:2]
-    raise ValueError(f"no exact plan for params={params} on {n_modules} modules with r={r} "
-                     f"(max {n_modules * r * r}); nearest feasible budgets: {near}")
+    us = [u for u in range(1, r * r + 1) if params % u == 0 and params // u <= n]
+    if not us:
+        ok = sorted({u * g for u in range(1, r * r + 1) for g in range(1, n + 1)})  # feasible budgets
+        near = [b for b in ok if b < params][-2:] + [b for b in ok if b > params][:2]
+        raise ValueError(f"no exact plan for params={params} on {n} modules with r={r} "
+                         f"(max {n * r * r}); nearest feasible budgets: {near}")
+    for u in [] if balanced else us:
+        if w := tile_width(n, params // u):
+            return u, tile_sizes(n, w)
+    return us[0], balanced_sizes(n, params // us[0])
 
 
-def plan_groups(names, types, r, params=None, u=None, n_tie=None, tie="tiled"):
-    """(u, groups: lists of module names given in layer order). Either params (the exact total) or u and
-    n_tie (tiles of n_tie modules, the last one shorter). tiled: consecutive modules in layer order;
-    structured: one module type over consecutive layers."""
+def plan_groups(names, types, r, params=None, u=None, n_tie=None, tie="tiled", balanced=False):
+    """(u, groups: lists of module names given in layer order). Either params (the exact total:
+    budget_sizes) or u and n_tie (tiles of n_tie modules, the last one shorter; any u ≥ 1, though one
+    module's R has only r² degrees of freedom, so u > r² pays only when v is shared). tiled: one
+    sequence in layer order; structured: one per module type, budgets split over types, balanced."""
     if not names:
         raise ValueError("no modules to adapt")
     if tie not in ("tiled", "structured"):
         raise ValueError(f"unknown tying {tie!r} (use 'tiled' or 'structured')")
     if (params is None) == (u is None and n_tie is None):
         raise ValueError("give either params, or u and n_tie")
-    if params is None:
-        u, n_tie = (1 if u is None else u), (1 if n_tie is None else n_tie)
-        if not 1 <= u <= r * r or n_tie < 1:
-            raise ValueError(f"need u in [1, r²={r * r}] and n_tie >= 1, got u={u}, n_tie={n_tie}")
-    else:
-        u = resolve_u(len(names), r, params)
-    # tiled: one sequence in layer order; structured: one per module type, in order of first appearance
     seqs = [list(names)] if tie == "tiled" else [[n for n, t in zip(names, types) if t == ty]
                                                  for ty in dict.fromkeys(types)]
     if params is None:
-        sizes = [[min(n_tie, len(s) - i) for i in range(0, len(s), n_tie)] for s in seqs]
+        u, n_tie = (1 if u is None else u), (1 if n_tie is None else n_tie)
+        if u < 1 or n_tie < 1:
+            raise ValueError(f"need u >= 1 and n_tie >= 1, got u={u}, n_tie={n_tie}")
+        sizes = [tile_sizes(len(s), n_tie) for s in seqs]
+    elif tie == "tiled":
+        u, sz = budget_sizes(len(names), r, params, balanced)
+        sizes = [sz]
     else:
+        u = budget_sizes(len(names), r, params, balanced=True)[0]
         n_groups = params // u
         if n_groups < len(seqs):
             raise ValueError(f"structured tying needs at least one group per module type ({len(seqs)}), "
@@ -161,22 +180,38 @@ def plan_groups(names, types, r, params=None, u=None, n_tie=None, tie="tiled"):
     return u, [s[end - k:end] for s, sz in zip(seqs, sizes) for k, end in zip(sz, itertools.accumulate(sz))]
 
 
-def make_plan(names, types, r, params=None, u=None, n_tie=None, tie="tiled", lora_xs=False):
+def make_plan(names, types, r, params=None, u=None, n_tie=None, tie="tiled", lora_xs=False,
+              balanced=False):
     """plan_groups, plus LoRA-XS: u = r² fixed, so params counts n_groups·r² and n_tie defaults to 1."""
     if not lora_xs:
-        return plan_groups(names, types, r, params=params, u=u, n_tie=n_tie, tie=tie)
+        return plan_groups(names, types, r, params, u, n_tie, tie, balanced)
     if u not in (None, r * r) or (params is not None and params % (r * r)):
-        raise ValueError(f"LoRA-XS fixes u = r² = {r * r}; params must be a multiple of it (got params={params}, u={u})")
+        raise ValueError(f"LoRA-XS fixes u = r² = {r * r}; params must be a multiple of it "
+                         f"(got params={params}, u={u})")
+    if params is not None and params // (r * r) > len(names):
+        raise ValueError(f"LoRA-XS params={params} needs {params // (r * r)} groups of u = r² = {r * r}, "
+                         f"more than the {len(names)} modules (max {len(names) * r * r})")
+    # n_groups of u = r²: the u = 1 planner over groups
     plan = dict(params=params // (r * r)) if params is not None else dict(u=1, n_tie=n_tie or 1)
-    return r * r, plan_groups(names, types, r, tie=tie, **plan)[1]  # n_groups of u = r²: the u=1 planner
+    return r * r, plan_groups(names, types, 1, tie=tie, balanced=balanced, **plan)[1]
+
+
+def describe_sizes(sizes):
+    """'13 tiles of 16 modules, the last 4' / '100 groups of 1-2 modules' (a plan line's shape)."""
+    head, last = sizes[0], sizes[-1]
+    if all(k == head for k in sizes[:-1]) and last <= head:
+        return f"{len(sizes)} tile{'s' * (len(sizes) > 1)} of {head} module{'s' * (head > 1)}" + (
+            f", the last {last}" if last < head else "")
+    return f"{len(sizes)} groups of {min(sizes)}-{max(sizes)} modules"
 
 
 def plan_text(n_modules, targets, r, u, groups, tie, lora_xs=False):
     """One line that says what a plan trains and what it costs."""
-    n, sizes = len(groups) * u, [len(g) for g in groups]
-    return (f"{n_modules} modules ({', '.join(targets)}), r={r}, u={u}, {len(groups)} {tie} groups of "
-            f"{min(sizes)}-{max(sizes)} modules -> {n} trainable parameters = {4 * n} bytes fp32 / "
-            f"{2 * n} bytes bf16{' (LoRA-XS)' if lora_xs else ''}")
+    n = len(groups) * u
+    shape = describe_sizes([len(g) for g in groups])
+    return (f"{n_modules} modules ({', '.join(targets)}), r={r}, u={u}, {shape}"
+            f"{' (structured)' if tie == 'structured' else ''} -> {n} trainable parameters = "
+            f"{4 * n} bytes fp32 / {2 * n} bytes bf16{' (LoRA-XS)' if lora_xs else ''}")
 
 
 def find_targets(model, targets=DEFAULT_TARGETS):
@@ -259,16 +294,19 @@ class Bank(nn.Module):
 
 
 def apply_tinylora(model, params=None, u=None, n_tie=None, r=2, tie="tiled", targets=DEFAULT_TARGETS,
-                   seed=0, svd="randomized", lora_xs=False, verbose=False):
+                   seed=0, svd="randomized", lora_xs=False, verbose=False, balanced=False):
     """Freeze `model`, wrap its target linears in TinyLoRALinear, return the bank of v (zeros). lora_xs:
-    u = r² and P = the standard basis, so R itself is trainable (LoRA-XS, tied like TinyLoRA)."""
+    u = r² and P = the standard basis, so R itself is trainable (LoRA-XS, tied like TinyLoRA). seed: of P
+    and the SVD sketch (the run's --proj-seed). balanced: a params budget in balanced groups, never tiles."""
     if any(isinstance(m, TinyLoRALinear) for m in model.modules()):
         raise ValueError("model already carries TinyLoRA layers")
     if r < 1:
         raise ValueError(f"r must be >= 1, got {r}")
     found = find_targets(model, tuple(targets))
-    u, groups = make_plan([f[0] for f in found], [f[2] for f in found], r, params, u, n_tie, tie, lora_xs)
+    u, groups = make_plan([f[0] for f in found], [f[2] for f in found], r, params, u, n_tie, tie, lora_xs,
+                          balanced)
     config = dict(format_version=FORMAT_VERSION, r=r, u=u, tie=tie, n_tie=n_tie, params=len(groups) * u,
+                  group_sizes=[len(g) for g in groups],
                   targets=list(targets), seed=seed, svd=svd, lora_xs=lora_xs, orientation=ORIENTATION,
                   P="standard basis" if lora_xs else "N(0,1)/sqrt(u), CPU generator seeded by sha256(seed, name)")
     model.requires_grad_(False)
@@ -379,11 +417,17 @@ def check_fingerprint(expected, got, path=""):
 def load_adapter(model, path):
     """Apply TinyLoRA to `model` exactly as recorded in `path`, check the base fingerprint, load v."""
     v, c = read_adapter(path)
-    plan = dict(params=c["params"]) if c["n_tie"] is None else dict(u=None if c["lora_xs"] else c["u"], n_tie=c["n_tie"])
+    if c["n_tie"] is None:  # files without group_sizes predate the tiles: their budgets were balanced
+        plan = dict(params=c["params"], balanced="group_sizes" not in c)
+    else:
+        plan = dict(u=None if c["lora_xs"] else c["u"], n_tie=c["n_tie"])
     bank = apply_tinylora(model, r=c["r"], tie=c["tie"], targets=c["targets"], seed=c["seed"], svd=c["svd"],
                           lora_xs=c["lora_xs"], **plan)
     try:
         check_fingerprint(c["fingerprint"], bank.config["fingerprint"], path)
+        if c.get("group_sizes", bank.config["group_sizes"]) != bank.config["group_sizes"]:
+            raise ValueError(f"{path}: its tying groups {c['group_sizes']} are not the ones this "
+                             f"tinylora.py plans {bank.config['group_sizes']}")
         if tuple(v.shape) != tuple(bank.v.shape):
             raise ValueError(f"{path}: v has shape {tuple(v.shape)}, the plan needs {tuple(bank.v.shape)}")
     except ValueError:

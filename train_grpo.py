@@ -43,7 +43,7 @@ import tinylora
 PRESETS = {  # cpu-demo = the CPU sweep's 13-parameter RL point (sweep.py --preset cpu-sweep; README)
     "cpu-demo": dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", data="arith", batch_prompts=4, group_size=8,
                      max_new_tokens=32, max_prompt=512, steps=12, lr=1e-2, mini_batches=1, warmup=0.0, val=100,
-                     eval_n=200, dtype="float32", out="runs/cpu-demo"),
+                     eval_n=200, dtype="float32", reward="strict", out="runs/cpu-demo"),
 }
 PRESETS["cpu-sweep"] = dict(PRESETS["cpu-demo"], out="runs/cpu-sweep")
 SHARED_SMOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "models",
@@ -70,6 +70,8 @@ def parser():
     g.add_argument("--max-prompt", type=int, default=512)
     g.add_argument("--shots", type=int, default=None, help="solved train problems in the prompt (default: arith 2, else 0)")
     g.add_argument("--val", type=int, default=0, help="last N training problems held out as a validation split")
+    g.add_argument("--reward", default="paper", choices=list(task.REWARDS),
+                   help="paper: verl's GSM8K rule (the paper's); strict: stopped and numerically equal")
     g = ap.add_argument_group("rollout")
     g.add_argument("--backend", default="auto", choices=["auto", "vllm", "hf"])
     g.add_argument("--batch-prompts", type=int, default=64, help="prompts per rollout batch")
@@ -100,7 +102,8 @@ def parser():
     g.add_argument("--preset", default=None, choices=sorted(PRESETS))
     g.add_argument("--out", default="runs/gsm8k")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="data order and sampling")
+    g.add_argument("--proj-seed", type=int, default=0, help="the fixed random P and the SVD sketch")
     g.add_argument("--eval-n", type=int, default=0, help="held-out problems scored greedily before and after (0 = off)")
     g.add_argument("--sample-every", type=int, default=5, help="print a sample completion every k steps")
     g = ap.add_argument_group("scale-out (torchrun --nproc-per-node K train_grpo.py ...)")
@@ -303,7 +306,7 @@ def main(argv=None, loaded=None):
         mine = engine.shard(args.batch_prompts, rank, world, args.mini_batches)  # positions in the global batch
         batch = [full[i] for i in mine]  # [(row, prompt ids)] × b
         prompts = [p for _, p in batch for _ in range(args.group_size)]  # (b·G) id lists
-        golds = [row["gold"] for row, _ in batch for _ in range(args.group_size)]
+        problems = [row for row, _ in batch for _ in range(args.group_size)]  # (B·G) task rows
 
         # ---- rollout: G samples per prompt from the generator, which holds W0 + ΔW
         comps = gen.generate([p for _, p in batch], args.group_size, args.max_new_tokens, args.temperature,
@@ -311,7 +314,8 @@ def main(argv=None, loaded=None):
         t_gen = time.time() - t0
 
         # ---- reward and advantages
-        r = torch.tensor([task.reward(c["text"], g, c["finished"]) for c, g in zip(comps, golds)])  # (B·G,)
+        r = torch.tensor([task.reward(c["text"], p, c["finished"], args.reward)
+                          for c, p in zip(comps, problems)])  # (B·G,)
         A = group_advantages(r, args.group_size)  # (B·G,)
 
         # ---- loss and step: PPO-clip through the unmerged adapter, TIS against the sampler's log-probs
@@ -328,8 +332,8 @@ def main(argv=None, loaded=None):
         t_sync = time.time() - t2
 
         # ---- log (every rank's samples, gathered), then checkpoint; rank 0 writes, on resume rows past the checkpoint go
-        r, comps, golds, old = engine.gather_step(r, comps, golds, old)
-        row = dict(kind="train", step=step + 1, **engine.step_metrics(r, args.group_size, comps, golds, old,
+        r, comps, problems, old = engine.gather_step(r, comps, problems, old)
+        row = dict(kind="train", step=step + 1, **engine.step_metrics(r, args.group_size, comps, problems, old,
                                                                       engine.padded_logprobs(comps), stats, args.tis_cap),
                    v_norm=bank.v.norm().item(), v_checksum=engine.same_on_all_ranks(bank.v), delta_kept=kept, lr=lrs[-1], t_gen=t_gen,
                    t_train=t_train, t_sync=t_sync, t_step=time.time() - t0)
@@ -340,7 +344,8 @@ def main(argv=None, loaded=None):
         tinylora.save_adapter(bank, out("adapter.safetensors"), base_model=args.model)
         bar.set_postfix(reward=f"{row['reward']:.2f}", gap=f"{row['logp_absgap']:.1e}", v=f"{row['v_norm']:.3f}")
         if args.sample_every and (step + 1) % args.sample_every == 0:
-            tqdm.write(f"--- step {step + 1} sample (reward {r[0]:.0f}, gold {golds[0]:g}):\n{comps[0]['text']}\n---")
+            tqdm.write(f"--- step {step + 1} sample (reward {r[0]:.0f}, gold {problems[0]['gold']:g}):\n"
+                       f"{comps[0]['text']}\n---")
 
     return finish(args, gen, tok, bank, total_steps)
 
