@@ -1,24 +1,24 @@
 """
-The task: GSM8K (or small arithmetic) problems, the prompt, the answer extractors and the reward.
+The task: GSM8K (or small arithmetic) problems, the prompt, the answer extractors and the rewards.
 
-Shared by train_grpo.py and eval.py, so training and evaluation can never disagree on what is right.
-Rows are {question, gold}. Run `pytest -q test_task.py` for its tests.
+Shared by train_grpo.py and eval.py, so training and evaluation never disagree on what is right.
+Rows are {question, gold, answer, solution}. Tests: harness/tests/test_task.py.
 
 Chosen where the paper is silent:
- 1. Two rewards (--reward). paper: verl's GSM8K rule, which the paper trained and scored with (the last
-    "#### N" in the reply's last 300 characters, commas dropped, string-equal to the gold; cut-off
-    replies count). strict: the reply ended on its own (EOS) *and* its last "####" number equals the gold
-    numerically (a prototype that rewarded cut-off completions learned never to stop).
- 2. Local .jsonl files are read line by line with the json module (not `datasets`), so that a bad file
-    is reported with its line number and never as a traceback; hub ids go through `datasets`.
- 3. --data arith: a ± b with a, b in 1..20, because SmolLM2-135M scores 0.5% strict on GSM8K: too sparse
-    a reward for RL on a CPU. 200 fixed problems are held out.
- 4. The prompt, by one rule: the plain few-shot chat a user would write (lm-eval-harness's few-shot as
-    multi-turn): K solved problems from the train split (its first K, in the target format "... #### N")
-    as earlier turns, then the question, each with the paper's suffix. K = 2 for arith, 0 (the paper's
-    prompt) for GSM8K; --shots K to change. README: what a one-turn or an inconsistent prompt does.
- 5. A validation split (--val N) is the last N training problems, so learning rates are never chosen
-    on the held-out split; shots and validation problems are never trained on.
+ 1. Two rewards (--reward). paper: verl's GSM8K rule, which the paper trained and scored with (the
+    last "#### N" in the reply's last 300 characters, commas dropped, string-equal to the gold;
+    cut-off replies count). strict: the reply ended on its own (EOS) *and* its last "####" number
+    equals the gold numerically (a prototype paid for cut-off replies learned never to stop).
+ 2. Local .jsonl files are read line by line with the json module (not `datasets`), so a bad file
+    is reported with its line number, never as a traceback; hub ids go through `datasets`.
+ 3. --data arith: a ± b with a, b in 1..20, because SmolLM2-135M scores 0.5% strict on GSM8K: too
+    sparse a reward for RL on a CPU. 200 fixed problems are held out.
+ 4. The prompt, by one rule: the plain few-shot chat a user would write (lm-eval-harness's few-shot
+    as multi-turn): the train split's first K solved problems (in the target format "... #### N") as
+    earlier turns, then the question, each with the paper's suffix. K = 2 for arith, 0 (the paper's
+    prompt) for GSM8K; --shots K to change.
+ 5. A validation split (--val N) is the last N training problems, so learning rates are never
+    chosen on the held-out split; shots and validation problems are never trained on.
 """
 import json
 import math
@@ -73,14 +73,14 @@ REWARDS = ("paper", "strict")
 
 def paper_answer(text):
     """verl's GSM8K extraction (verl/utils/reward_score/gsm8k.py, as in the author's fork): the last
-    '#### N' (one space, no '$') in the text's last 300 characters, N's commas removed, as a string."""
+    '#### N' (one space, no '$') in the text's last 300 characters, N's commas removed, a string."""
     hits = PAPER_RE.findall(text[-300:])
     return hits[-1].replace(",", "").replace("$", "") if hits else None
 
 
 def reward(text, problem, finished, rule):
-    """1.0 or 0.0 for a reply to `problem` (a task row). paper: paper_answer(text) == its answer string,
-    stopped or not. strict: the reply stopped and its last '####' number equals its gold numerically."""
+    """1.0 or 0.0 for a reply to `problem` (a task row). paper: paper_answer(text) equals its answer
+    string, stopped or not. strict: the reply stopped and its last '####' number equals its gold."""
     if rule == "paper":
         return float(paper_answer(text) == problem["answer"])
     if rule == "strict":
@@ -89,8 +89,8 @@ def reward(text, problem, finished, rule):
 
 
 def score(reply, problem, finished, n_tokens):
-    """One problem's verdicts: paper and strict (the two rewards), hash_right (the last '####' number is
-    right, stopped or not), flexible (the last number is)."""
+    """One problem's verdicts: paper and strict (the two rewards), hash_right (the last '####'
+    number is right, stopped or not), flexible (the last number is)."""
     gold = problem["gold"]
     return dict(paper=reward(reply, problem, finished, "paper") == 1.0,
                 strict=reward(reply, problem, finished, "strict") == 1.0,
@@ -106,7 +106,7 @@ def score(reply, problem, finished, n_tokens):
 
 
 def read_jsonl(path):
-    """[(line number, object)] of a JSONL file; blank lines are skipped; any defect -> one ValueError."""
+    """[(line number, object)] of a JSONL file; blank lines skipped; any defect: one ValueError."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -129,9 +129,10 @@ def read_jsonl(path):
 
 
 def gsm8k_row(ex, where):
-    """{question, gold, answer, solution} from a GSM8K record {question, answer: '... #### N'}; a clear error
-    otherwise. gold: N as a number; answer: N as verl's ground truth (the string, commas removed);
-    solution: the record's answer without its <<calculator>> annotations (the SFT target, a shot's text)."""
+    """{question, gold, answer, solution} from a GSM8K record {question, answer: '... #### N'}; a
+    clear error otherwise. gold: N as a number; answer: N as verl's ground truth (the string, commas
+    removed); solution: the record's answer without its <<calculator>> annotations (the SFT target,
+    a shot's text)."""
     q = ex.get("question") if isinstance(ex, dict) else None
     a = ex.get("answer") if isinstance(ex, dict) else None
     gold = extract_strict(a) if isinstance(a, str) else None
@@ -156,12 +157,13 @@ def load_gsm8k(spec, split):
     try:
         ds = datasets.load_dataset(spec, "main", split=split)
     except (OSError, ValueError) as e:  # unknown dataset id, no network, unknown split
-        raise ValueError(f"cannot load dataset {spec!r}: {str(e).strip().splitlines()[0]}") from None
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"cannot load dataset {spec!r}: {first}") from None
     return [gsm8k_row(ex, f"{spec} [{split}] row {i}") for i, ex in enumerate(ds)]
 
 
 def arith_rows(split, seed=0):
-    """All 800 problems a ± b with a, b in 1..20; a fixed 200 are held out ('test'), the rest train."""
+    """All 800 problems a ± b with a, b in 1..20; a fixed 200 are held out ('test'), 600 train."""
     probs = [(a, op, b) for a in range(1, 21) for b in range(1, 21) for op in "+-"]
     random.Random(seed).shuffle(probs)
     part = probs[:200] if split == "test" else probs[200:]
@@ -174,18 +176,20 @@ def arith_rows(split, seed=0):
 
 
 def load_task(data, split, shots=None, val=0):
-    """(rows, shots) for --data arith | openai/gsm8k | file.jsonl | folder; split train | val | test.
-    shots: [(question, solution)] × K, the train split's first K (None: DEFAULT_SHOTS); val: how many of the
-    last training problems form the validation split. 'train' excludes both shots and validation."""
+    """(rows, shots) for --data arith | openai/gsm8k | file.jsonl | folder; split train | val |
+    test. shots: [(question, solution)] × K, the train split's first K (None: DEFAULT_SHOTS); val:
+    how many of the last training problems form the validation split. 'train' excludes both shots
+    and validation."""
     K = DEFAULT_SHOTS.get(data, 0) if shots is None else shots
     if K < 0 or val < 0:
         raise ValueError(f"--shots and --val must be >= 0, got {K} and {val}")
     load = arith_rows if data == "arith" else lambda s: load_gsm8k(data, s)
     if split == "test" and K == 0:
         return load("test"), []
-    train = load("train")  # a single .jsonl file is every split: point --data at a folder to keep them apart
+    train = load("train")  # a single .jsonl file is every split; a folder keeps them apart
     if K + val >= len(train):
-        raise ValueError(f"{K} shots + {val} validation problems leave nothing of the {len(train)} training problems")
+        raise ValueError(f"{K} shots + {val} validation problems leave nothing of the "
+                         f"{len(train)} training problems")
     examples = [(r["question"], r["solution"]) for r in train[:K]]
     if split == "test":
         return load("test"), examples
@@ -199,8 +203,8 @@ def load_task(data, split, shots=None, val=0):
 
 
 def build_prompt(tok, question, shots=()):
-    """The model's chat template: each shot a user turn (its question + the suffix) answered by its solution,
-    then the question + the paper's suffix (lm-eval-harness's few-shot-as-multiturn)."""
+    """The model's chat template: each shot a user turn (its question + the suffix) answered by its
+    solution, then the question + the paper's suffix (lm-eval-harness's few-shot-as-multiturn)."""
     msgs = []
     for q, a in shots:
         msgs += [dict(role="user", content=q + SUFFIX), dict(role="assistant", content=a)]
@@ -209,7 +213,7 @@ def build_prompt(tok, question, shots=()):
 
 
 def prompt_ids(tok, rows, shots, max_prompt):
-    """[(row, token ids)] of each row's prompt; prompts over max_prompt tokens are dropped (as verl)."""
+    """[(row, token ids)] of each row's prompt; those over max_prompt tokens are dropped (verl)."""
     out = []
     for row in rows:
         ids = tok(build_prompt(tok, row["question"], shots), add_special_tokens=False)["input_ids"]
@@ -222,16 +226,18 @@ def prompt_ids(tok, rows, shots, max_prompt):
 # Schedules: any step's batch and learning rate follow from (seed, step), so --resume is exact
 
 
-def mix(seed, k):
-    """A seed for (run seed, epoch or step): 1000003 is a prime above any step count, so pairs never collide."""
+def seed_for(seed, k):
+    """A seed for (run seed, epoch or step): 1000003 is a prime above any step count, so pairs
+    never collide."""
     return seed * 1000003 + k
 
 
 def batch_at(items, step, B, seed):
-    """The step's B items: epoch-wise permutations from (seed, epoch), so any step can be recomputed."""
+    """The step's B items: a permutation per epoch from (seed, epoch): any step can be
+    recomputed."""
     epoch, k = divmod(step, len(items) // B)
     perm = list(range(len(items)))
-    random.Random(mix(seed, epoch)).shuffle(perm)
+    random.Random(seed_for(seed, epoch)).shuffle(perm)
     return [items[i] for i in perm[k * B:(k + 1) * B]]
 
 

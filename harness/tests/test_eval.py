@@ -1,5 +1,5 @@
-"""Tests of eval.py: intervals, McNemar, strict/flexible scoring, end-to-end on both backends, adapter refusal.
-CPU only, no network. Run: pytest -q test_eval.py"""
+"""Tests of eval.py: intervals, McNemar, strict/flexible scoring, end-to-end on both backends,
+adapter refusal. CPU only, no network."""
 import json
 import os
 import subprocess
@@ -11,9 +11,10 @@ import torch
 import eval as E
 import task
 import tinylora
-from conftest import GSM8K_TEST, need_shared, tiny_model, vllm_or_skip
+from harness import flags
+from harness.tests.fixtures import GSM8K_TEST, need_shared, tiny_model, vllm_or_skip
 
-HERE = os.path.dirname(os.path.abspath(E.__file__))
+HERE = flags.ROOT
 
 
 def test_wilson_hand_values():
@@ -53,12 +54,14 @@ def test_strict_flexible_split_on_a_table_of_replies():
 
 def run(*argv):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "eval.py", *argv], capture_output=True, text=True, cwd=HERE, env=env,
+    return subprocess.run([sys.executable, "eval.py", *argv], capture_output=True, text=True,
+                          cwd=HERE, env=env,
                           timeout=900)
 
 
 @pytest.mark.slow
-def test_both_backends_give_the_same_greedy_replies_and_the_adapter_is_applied(tiny_folder, smol_tok, tmp_path):
+def test_both_backends_give_the_same_greedy_replies_and_the_adapter_is_applied(
+        tiny_folder, smol_tok, tmp_path):
     data = need_shared(GSM8K_TEST)
     vllm_or_skip()
     m = tiny_model("qwen2", tok=smol_tok, vocab=len(smol_tok))  # the same weights as tiny_folder
@@ -78,18 +81,29 @@ def test_both_backends_give_the_same_greedy_replies_and_the_adapter_is_applied(t
         hf = [x["reply"] for x in reports["hf"]["problems"][k]]
         vl = [x["reply"] for x in reports["vllm"]["problems"][k]]
         assert hf == vl and len(hf) == 4
-    assert reports["hf"]["problems"]["base"] != reports["hf"]["problems"]["adapter"]  # v = 2 changes the replies
-    assert reports["hf"]["models"]["base"]["n"] == 4 and "ci95" in reports["hf"]["models"]["base"]["strict"]
+    # v = 2 changes the replies
+    assert reports["hf"]["problems"]["base"] != reports["hf"]["problems"]["adapter"]
+    assert reports["hf"]["models"]["base"]["n"] == 4
+    assert "ci95" in reports["hf"]["models"]["base"]["strict"]
 
 
 def test_adapter_for_another_model_is_refused(tiny_folder, tmp_path):
     other = tiny_model("qwen2", vocab=49152, seed=5)
     bank = tinylora.apply_tinylora(other, params=7)
     adapter = tinylora.save_adapter(bank, str(tmp_path / "other.safetensors"))
-    p = run("--model", tiny_folder, "--data", "arith", "--limit", "2", "--backend", "hf", "--adapter", adapter)
-    err = [line for line in p.stderr.splitlines() if line.startswith("error:")]  # progress bars may precede it
-    assert p.returncode == 2 and len(err) == 1 and "different base weights" in err[0] and "Traceback" not in p.stderr
+    p = run("--model", tiny_folder, "--data", "arith", "--limit", "2", "--backend", "hf",
+            "--adapter", adapter)
+    # progress bars may precede it
+    err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode == 2 and len(err) == 1 and "different base weights" in err[0]
+    assert "Traceback" not in p.stderr
     p = run("--model", tiny_folder, "--adapter", str(tmp_path / "nope.safetensors"))
     assert p.returncode == 2 and "adapter file not found" in p.stderr
     p = run("--model", tiny_folder, "--compare")
     assert p.returncode == 2 and "--compare needs --adapter" in p.stderr
+
+
+def test_the_default_7b_model_without_a_gpu_is_refused_before_anything_loads(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no GPU here.*--device cpu"):
+        E.get_args(["--limit", "5"])

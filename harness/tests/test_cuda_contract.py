@@ -1,6 +1,6 @@
-"""The CUDA contract, on a CPU: the branches a GPU run takes, executed with CUDA faked (a 139 GiB card;
-tensors stay on the CPU) and a recording stand-in for vllm.LLM. What a real GPU alone can show (speed,
-real memory peaks, CUDA graphs after a push) is listed in the README's GPU section.
+"""The CUDA contract, on a CPU: the branches a GPU run takes, executed with CUDA faked (a 139 GiB
+card; tensors stay on the CPU) and a recording stand-in for vllm.LLM. What a real GPU alone can show
+(speed, real memory peaks, CUDA graphs after a push) is listed in the README's GPU section.
 
 The stand-in keeps vLLM 0.32's keyword names (a misspelled argument is a TypeError here too;
 test_stand_in_names_are_vllms checks them against the real EngineArgs and SamplingParams) and its
@@ -15,11 +15,13 @@ import types
 import pytest
 import torch
 
-import engine
 import eval as evaluation
+import rollout
+import task
 import tinylora
 import train_grpo as tg
-import train_sft
+from harness import export, gpu_check, memory, metrics, sft
+from harness.tests.fixtures import vllm_or_skip
 
 GIB = 2 ** 30
 CARD = 139 * GIB  # an H200's memory as torch reports it
@@ -31,7 +33,8 @@ class FakeLLM:
 
     def __init__(self, model, *, dtype="auto", seed=0, max_model_len=None, enforce_eager=False,
                  logprobs_mode="raw_logprobs", gpu_memory_utilization=0.92, tensor_parallel_size=1,
-                 distributed_executor_backend=None, enable_lora=False, max_loras=1, max_lora_rank=16):
+                 distributed_executor_backend=None, enable_lora=False, max_loras=1,
+                 max_lora_rank=16):
         self.kwargs = {k: v for k, v in locals().items() if k != "self"}
         self.env = dict(os.environ)
         self.requests, self.pushes, self.loras, self.resets = [], [], [], 0
@@ -39,11 +42,13 @@ class FakeLLM:
         FakeLLM.built.append(self)
 
     def generate(self, prompts, sampling_params=None, *, use_tqdm=True, lora_request=None):
-        sps = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        sps = sampling_params
+        sps = sps if isinstance(sps, list) else [sps] * len(prompts)
         out = []
         for p, sp in zip(prompts, sps):
             seeds = [None if sp.seed is None else sp.seed + j for j in range(sp.n)]
-            self.requests.append(dict(prompt=p["prompt_token_ids"], seeds=seeds, sp=sp, lora=lora_request))
+            self.requests.append(dict(prompt=p["prompt_token_ids"], seeds=seeds, sp=sp,
+                                      lora=lora_request))
             out.append(types.SimpleNamespace(outputs=[self.sample(sp, s) for s in seeds]))
         return out
 
@@ -55,7 +60,8 @@ class FakeLLM:
         stopped = n < sp.max_tokens
         ids = ids[:-1] + [sp.stop_token_ids[0]] if stopped else ids
         lps = [{t: types.SimpleNamespace(logprob=-1.0)} for t in ids]
-        return types.SimpleNamespace(token_ids=ids, logprobs=lps, finish_reason="stop" if stopped else "length")
+        return types.SimpleNamespace(token_ids=ids, logprobs=lps,
+                                     finish_reason="stop" if stopped else "length")
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
         assert method == "reload_weights"
@@ -102,7 +108,8 @@ def gpu(monkeypatch):
     to = torch.nn.Module.to
 
     def to_cpu(self, *a, **kw):  # tensors stay on the CPU: a CUDA device argument is dropped
-        is_cuda = lambda x: isinstance(x, (str, torch.device)) and str(x).startswith("cuda")  # noqa: E731
+        # noqa: E731
+        is_cuda = lambda x: isinstance(x, (str, torch.device)) and str(x).startswith("cuda")
         return to(self, *[x for x in a if not is_cuda(x)],
                   **{k: x for k, x in kw.items() if not is_cuda(x)})
     monkeypatch.setattr(torch.nn.Module, "to", to_cpu)
@@ -113,17 +120,18 @@ def gpu(monkeypatch):
     lora.request.LoRARequest = FakeLoRARequest
     for name, mod in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", lora.request)):
         monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # a user's setting the run must override
+    # a user's setting the run must override
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     FakeLLM.built.clear()
     return card
 
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """What the loss pass and the memory plan saw: the model's mode per grad-enabled token_logprobs call,
-    and the generator share the plan budgeted."""
+    """What the loss pass and the memory plan saw: the model's mode per grad-enabled token_logprobs
+    call, and the generator share the plan budgeted."""
     seen = dict(loss_pass=[], plan=[])
-    token_logprobs, memory_plan = tg.token_logprobs, engine.memory_plan
+    token_logprobs, memory_plan = tg.token_logprobs, memory.memory_plan
 
     def spy_logprobs(model, *a, **kw):
         if torch.is_grad_enabled():
@@ -131,17 +139,20 @@ def recorded(monkeypatch):
         return token_logprobs(model, *a, **kw)
 
     def spy_plan(model, tokens, checkpointing, generator_bytes, total_bytes, **kw):
-        seen["plan"].append(dict(generator_bytes=generator_bytes, total=total_bytes, ckpt=checkpointing))
+        seen["plan"].append(dict(generator_bytes=generator_bytes, total=total_bytes,
+                                 ckpt=checkpointing))
         return memory_plan(model, tokens, checkpointing, generator_bytes, total_bytes, **kw)
     monkeypatch.setattr(tg, "token_logprobs", spy_logprobs)
-    monkeypatch.setattr(engine, "memory_plan", spy_plan)
+    monkeypatch.setattr(memory, "memory_plan", spy_plan)
     return seen
 
 
 def run_args(folder, data, out, *extra):
-    return ["--model", folder, "--data", data, "--steps", "1", "--batch-prompts", "3", "--group-size", "4",
+    return ["--model", folder, "--data", data, "--steps", "1", "--batch-prompts", "3",
+            "--group-size", "4",
             "--max-new-tokens", "6", "--mini-batches", "1", "--eval-n", "0", "--sample-every", "0",
-            "--gpu-memory-utilization", "0.35", "--temperature", "0.7", "--seed", "3", "--out", str(out),
+            "--gpu-memory-utilization", "0.35", "--temperature", "0.7", "--seed", "3", "--out",
+            str(out),
             *extra]
 
 
@@ -168,17 +179,19 @@ def test_no_two_samples_of_a_step_share_a_seed(answer_folder, sevens_jsonl, tmp_
     seeds = [s for r in llm.requests for s in r["seeds"]]
     assert len(seeds) == 3 * 4 and None not in seeds and len(set(seeds)) == len(seeds), seeds
     # and they are the HF path's per-completion seeds, so both backends key a sample the same way
-    assert seeds == engine.row_seeds(tg.task.mix(3, 1), range(3), 4)
+    assert seeds == rollout.row_seeds(task.seed_for(3, 1), range(3), 4)
 
 
 @pytest.mark.usefixtures("gpu")
-def test_the_loss_pass_is_checkpointed_in_train_mode_grpo_and_sft(recorded, answer_folder, sevens_jsonl,
+def test_the_loss_pass_is_checkpointed_in_train_mode_grpo_and_sft(
+        recorded, answer_folder, sevens_jsonl,
                                                                   tmp_path):
     tg.main(run_args(answer_folder, sevens_jsonl, tmp_path / "grpo"))
     grpo = list(recorded["loss_pass"])
-    train_sft.main(run_args(answer_folder, sevens_jsonl, tmp_path / "sft"))
-    sft = recorded["loss_pass"][len(grpo):]
-    assert grpo and sft and set(grpo) == set(sft) == {(True, True)}, (grpo, sft)
+    sft.main(run_args(answer_folder, sevens_jsonl, tmp_path / "sft"))
+    sft_passes = recorded["loss_pass"][len(grpo):]
+    assert grpo and sft_passes, (grpo, sft_passes)
+    assert set(grpo) == set(sft_passes) == {(True, True)}, (grpo, sft_passes)
 
 
 @pytest.mark.usefixtures("gpu")
@@ -191,9 +204,11 @@ def test_the_pushes_are_streamed_in_the_generators_dtype(answer_folder, sevens_j
     assert 0 <= log[-1]["delta_kept"] <= 1  # the share of ΔW a bf16 merge carries is logged
 
 
-def test_vllm_refuses_a_share_it_cannot_have_in_one_line(gpu, answer_folder, sevens_jsonl, tmp_path):
+def test_vllm_refuses_a_share_it_cannot_have_in_one_line(
+        gpu, answer_folder, sevens_jsonl, tmp_path):
     gpu.free = 40 * GIB  # the trainer holds the rest
-    with pytest.raises(ValueError, match=r"--gpu-memory-utilization 0.35 asks vLLM for 48.6 GiB.*40.0 GiB"):
+    with pytest.raises(ValueError,
+                       match=r"--gpu-memory-utilization 0.35 asks vLLM for 48.6 GiB.*40.0 GiB"):
         tg.main(run_args(answer_folder, sevens_jsonl, tmp_path))
     assert not FakeLLM.built
 
@@ -212,14 +227,16 @@ def bf16_adapter(folder, path):
 def test_eval_on_a_bf16_generator_scores_the_trained_policy(answer_folder, sevens_jsonl, tmp_path):
     adapter = str(tmp_path / "adapter.safetensors")
     bank = bf16_adapter(answer_folder, adapter)
-    assert engine.delta_kept(bank, torch.bfloat16) < 0.9  # what the merged route would have pushed
-    evaluation.main(["--model", answer_folder, "--adapter", adapter, "--compare", "--data", sevens_jsonl,
+    assert export.delta_kept(bank, torch.bfloat16) < 0.9  # what the merged route would have pushed
+    evaluation.main(["--model", answer_folder, "--adapter", adapter, "--compare", "--data",
+                     sevens_jsonl,
                      "--max-new-tokens", "6", "--work-dir", str(tmp_path / "work"), "--seed", "5",
                      "--out", str(tmp_path / "eval.json")])
     (llm,) = FakeLLM.built
     kw = llm.kwargs
-    assert kw["gpu_memory_utilization"] == 0.8 and kw["logprobs_mode"] == "processed_logprobs"
-    assert (kw["dtype"], kw["seed"], kw["max_model_len"], kw["enforce_eager"]) == ("bfloat16", 5, 518, False)
+    assert kw["gpu_memory_utilization"] == 0.4 and kw["logprobs_mode"] == "processed_logprobs"
+    resolved = (kw["dtype"], kw["seed"], kw["max_model_len"], kw["enforce_eager"])
+    assert resolved == ("bfloat16", 5, 518, False)
     assert kw["enable_lora"] and kw["max_lora_rank"] >= 2 and not llm.pushes  # the exact LoRA route
     assert llm.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     path = llm.loras[-1].lora_path  # the LoRA the adapter's replies came from is exactly ΔW
@@ -232,29 +249,30 @@ def test_eval_on_a_bf16_generator_scores_the_trained_policy(answer_folder, seven
 
 
 def test_stand_in_names_are_vllms(answer_folder):
-    """Every argument the code gives LLM() and SamplingParams() exists under that name in vLLM 0.32."""
-    from conftest import vllm_or_skip
+    """Every argument the code gives LLM() and SamplingParams() exists under that name in vLLM
+    0.32."""
     vllm_or_skip()
     from vllm import SamplingParams
     from vllm.engine.arg_utils import EngineArgs
     fields = {f.name for f in dataclasses.fields(EngineArgs)}
-    kw = engine.vllm_kwargs(answer_folder, "bfloat16", 64, 0, 0.4, lora_rank=2, world=2)
+    kw = rollout.vllm_kwargs(answer_folder, "bfloat16", 64, 0, 0.4, lora_rank=2, world=2)
     assert set(kw) <= fields, set(kw) - fields
     sp = {f.name for f in dataclasses.fields(FakeSamplingParams)}
     assert sp <= set(SamplingParams.__struct_fields__), sp - set(SamplingParams.__struct_fields__)
 
 
 def test_gpu_check_keeps_every_finished_section_when_cut_short(monkeypatch, tmp_path):
-    """A 600 s call limit can kill the GPU check mid-run: what it measured before must be on disk."""
-    import gpu_check
-
+    """A 600 s call limit can kill the GPU check mid-run: what it measured before must be on
+    disk."""
+    
     def killed(*a):
         raise KeyboardInterrupt  # what a time limit's signal looks like from inside
     monkeypatch.setattr(gpu_check, "shape_checks", lambda *a: dict(measured=1.0))
     monkeypatch.setattr(gpu_check, "end_to_end", killed)
     out = tmp_path / "check.json"
     with pytest.raises(KeyboardInterrupt):
-        gpu_check.main(["--tiny", "--tokenizer", "unused", "--out", str(out), "--work", str(tmp_path)])
+        gpu_check.main(["--tiny", "--tokenizer", "unused", "--out", str(out), "--work",
+                        str(tmp_path)])
     report = json.load(open(out))
     assert report["shape_tiny"] == dict(measured=1.0) and report["torch"] == torch.__version__
     assert "transformers" in report and "finished" not in report
@@ -264,6 +282,6 @@ def test_the_reward_plot_is_skipped_in_one_line_without_matplotlib(monkeypatch, 
     log = tmp_path / "log.jsonl"
     log.write_text(json.dumps(dict(kind="train", step=1, reward=0.5)) + "\n")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    engine.plot_rewards(str(log), str(tmp_path / "reward.png"))
+    metrics.plot_rewards(str(log), str(tmp_path / "reward.png"))
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert not (tmp_path / "reward.png").exists()

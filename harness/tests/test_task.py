@@ -1,5 +1,5 @@
-"""Tests of task.py: extractors, reward, loaders (with fuzzing: no data file reaches a traceback), prompts.
-CPU only, no network. Run: pytest -q test_task.py"""
+"""Tests of task.py: extractors, reward, loaders (with fuzzing: no data file reaches a traceback),
+prompts. CPU only, no network. Run: pytest -q harness/tests/test_task.py"""
 import json
 import os
 
@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import task
-from conftest import GSM8K_TEST, GSM8K_TRAIN, need_shared
+from harness.tests.fixtures import GSM8K_TEST, GSM8K_TRAIN, need_shared
 
 
-# ---- rewards --------------------------------------------------------------------------------------------
+# ---- rewards -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text,strict,flex", [
     ("so 9 + 9 = 18\n#### 18", 18, 18),
@@ -32,20 +32,25 @@ def test_extraction_table(text, strict, flex):
     assert task.extract_flexible(text) == flex
 
 
-P18 = dict(gold=18.0, answer="18")  # a task row's two golds: the number, and verl's ground-truth string
+# a task row's two golds: the number, and verl's ground-truth string
+P18 = dict(gold=18.0, answer="18")
 
 
 def test_reward_needs_the_number_and_a_finished_completion():
     assert task.reward("#### 18", P18, True, "strict") == 1.0
-    assert task.reward("#### 18", P18, False, "strict") == 0.0  # cut off at the limit: no reward (the reward hole)
+    # cut off at the limit: no reward (the reward hole)
+    assert task.reward("#### 18", P18, False, "strict") == 0.0
     assert task.reward("#### 17", P18, True, "strict") == 0.0
-    assert task.reward("The answer is 18", P18, True, "strict") == 0.0  # strict: the format is part of the task
-    assert task.same_number(0.1 + 0.2, 0.3) and not task.same_number(None, 3.0) and not task.same_number(2.0, 3.0)
+    # strict: the format is part of the task
+    assert task.reward("The answer is 18", P18, True, "strict") == 0.0
+    assert task.same_number(0.1 + 0.2, 0.3) and not task.same_number(None, 3.0)
+    assert not task.same_number(2.0, 3.0)
     with pytest.raises(ValueError, match="unknown reward 'exact'"):
         task.reward("#### 18", P18, True, "exact")
 
 
-@pytest.mark.parametrize("reply,finished,paper,strict", [  # gold 18, or 1234 where the reply says so
+# gold 18, or 1234 where the reply says so
+@pytest.mark.parametrize("reply,finished,paper,strict", [
     ("so 9 + 9 = 18\n#### 18", True, 1, 1),
     ("#### 18.", True, 0, 1),  # verl compares strings: '18.' != '18'
     ("#### 18.00", True, 0, 1),
@@ -60,30 +65,36 @@ def test_reward_needs_the_number_and_a_finished_completion():
     ("The answer is 18.", True, 0, 0),
     ("#### -18", True, 0, 0),
 ])
-def test_paper_and_strict_rewards_on_the_replies_where_they_disagree(reply, finished, paper, strict):
+def test_paper_and_strict_rewards_on_the_replies_where_they_disagree(
+        reply, finished, paper, strict):
     problem = dict(gold=1234.0, answer="1234") if "1,234" in reply else P18
     assert task.reward(reply, problem, finished, "paper") == paper
     assert task.reward(reply, problem, finished, "strict") == strict
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("0123456789#$,.- \nabc")), max_size=60) | st.text(max_size=60))
+@given(st.text(alphabet=st.sampled_from(list("0123456789#$,.- \nabc")), max_size=60)
+       | st.text(max_size=60))
 def test_extractors_never_raise(text):
     for f in (task.extract_strict, task.extract_flexible, task.parse_number):
         out = f(text)
         assert out is None or isinstance(out, float)
     assert task.paper_answer(text) is None or isinstance(task.paper_answer(text), str)
-    assert all(task.reward(text, dict(gold=3.0, answer="3"), True, k) in (0.0, 1.0) for k in task.REWARDS)
+    row = dict(gold=3.0, answer="3")
+    assert all(task.reward(text, row, True, k) in (0.0, 1.0) for k in task.REWARDS)
 
 
 def test_gsm8k_golds_parse_and_bad_rows_are_named(tmp_path):
     rows = task.load_gsm8k(need_shared(GSM8K_TEST), "test")
     assert len(rows) == 1319 and all(r["gold"] == int(r["gold"]) for r in rows)
     assert rows[0]["gold"] == 18.0 and rows[0]["answer"] == "18"  # Janet's ducks
-    assert all(float(r["answer"]) == r["gold"] and "," not in r["answer"] for r in rows)  # verl's golds
-    assert len(task.load_gsm8k(os.path.dirname(GSM8K_TRAIN), "train")) == 7473  # a folder with {split}.jsonl
+    # verl's golds
+    assert all(float(r["answer"]) == r["gold"] and "," not in r["answer"] for r in rows)
+    # a folder with {split}.jsonl
+    assert len(task.load_gsm8k(os.path.dirname(GSM8K_TRAIN), "train")) == 7473
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(dict(question="q", answer="#### 3")) + "\n" + json.dumps(dict(question="q", answer="no")) + "\n")
+    rows = [dict(question="q", answer="#### 3"), dict(question="q", answer="no")]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="bad.jsonl line 2: needs"):
         task.load_gsm8k(str(bad), "train")
     with pytest.raises(ValueError, match="not found"):
@@ -107,7 +118,8 @@ def test_shots_and_validation_come_from_train_and_are_never_trained_on():
     assert shots == shots2 == shots3 == [(r["question"], r["solution"]) for r in full[:3]]
     assert train + val == full[3:] and len(val) == 50
     assert not {q for q, _ in shots} & {r["question"] for r in train + val + test}
-    assert task.load_task("arith", "train")[1] == [(r["question"], r["solution"]) for r in full[:2]]  # default K = 2
+    # default K = 2
+    assert task.load_task("arith", "train")[1] == [(r["question"], r["solution"]) for r in full[:2]]
     with pytest.raises(ValueError, match="leave nothing"):
         task.load_task("arith", "train", shots=2, val=598)
     with pytest.raises(ValueError, match="unknown split"):
@@ -122,25 +134,35 @@ def test_gsm8k_solution_drops_calculator_annotations():
 def test_prompt_is_the_shots_as_earlier_turns_in_one_format(smol_tok):
     shots = task.load_task("arith", "test")[1]
     p = task.build_prompt(smol_tok, "What is 2 + 2?", shots)
-    assert p.count("<|im_start|>user") == 3 and p.count("<|im_start|>assistant") == 3 and p.count(task.SUFFIX) == 3
-    assert all(a in p and task.extract_strict(a) == eval(q[8:-1]) for q, a in shots)  # solved, in the target format
-    assert p.index(shots[1][1]) < p.index("What is 2 + 2?") and p.endswith("<|im_start|>assistant\n")
+    assert p.count("<|im_start|>user") == 3 and p.count("<|im_start|>assistant") == 3
+    assert p.count(task.SUFFIX) == 3
+    # solved, in the target format
+    assert all(a in p and task.extract_strict(a) == eval(q[8:-1]) for q, a in shots)
+    assert p.index(shots[1][1]) < p.index("What is 2 + 2?")
+    assert p.endswith("<|im_start|>assistant\n")
     zero = task.build_prompt(smol_tok, "What is 2 + 2?", [])
-    assert zero.count("<|im_start|>user") == 1 and "What is 2 + 2?" + task.SUFFIX in zero  # the paper's prompt
+    # the paper's prompt
+    assert zero.count("<|im_start|>user") == 1 and "What is 2 + 2?" + task.SUFFIX in zero
 
 
 
 
-# ---- loaders: every bad file is one ValueError naming it, never a traceback --------------------------------
+# ---- loaders: every bad file is one ValueError naming it, never a traceback ----------------------
 
 def test_jsonl_loader_reports_the_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_text('{"question": "q", "answer": "#### 3"}\n\n{"question": "q2", "answer": "x #### 4"}\n')
-    assert task.load_gsm8k(str(p), "train") == [dict(question="q", gold=3.0, answer="3", solution="#### 3"),
-                                                  dict(question="q2", gold=4.0, answer="4", solution="x #### 4")]
-    for content, msg in [("", "no rows"), ('{"question": "q", "answer": "#### 1"}\n{oops\n', "line 2: not valid JSON"),
-                         ('{"q": 1}\n', "line 1: needs"), ('{"question": "", "answer": "#### 1"}\n', "line 1: needs"),
-                         ('{"question": "q", "answer": "#### ' + "9" * 400 + '"}\n', "line 1: needs")]:
+    p.write_text('{"question": "q", "answer": "#### 3"}\n\n'
+                 '{"question": "q2", "answer": "x #### 4"}\n')
+    assert task.load_gsm8k(str(p), "train") == [dict(question="q", gold=3.0, answer="3",
+                                                     solution="#### 3"),
+                                                  dict(question="q2", gold=4.0, answer="4",
+                                                       solution="x #### 4")]
+    for content, msg in [("", "no rows"), ('{"question": "q", "answer": "#### 1"}\n{oops\n',
+                                           "line 2: not valid JSON"),
+                         ('{"q": 1}\n', "line 1: needs"),
+                         ('{"question": "", "answer": "#### 1"}\n', "line 1: needs"),
+                         ('{"question": "q", "answer": "#### ' + "9" * 400 + '"}\n',
+                          "line 1: needs")]:
         p.write_text(content)
         with pytest.raises(ValueError, match=msg):
             task.load_gsm8k(str(p), "train")
@@ -148,10 +170,12 @@ def test_jsonl_loader_reports_the_file_and_line(tmp_path):
 
 @settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=200) | st.lists(
-    st.one_of(st.just(""), st.just("{"), st.just("null"), st.just("[1, 2]"), st.just('{"question": 3}'),
+    st.one_of(st.just(""), st.just("{"), st.just("null"), st.just("[1, 2]"),
+              st.just('{"question": 3}'),
               st.builds(lambda q, a: json.dumps(dict(question=q, answer=a)), st.text(max_size=8),
                         st.text(alphabet="0123456789#.,-e$ x", max_size=12)),
-              st.builds(lambda n: json.dumps(dict(question="q", answer=f"#### {n}")), st.integers(-10 ** 400, 10 ** 400))),
+              st.builds(lambda n: json.dumps(dict(question="q", answer=f"#### {n}")),
+                        st.integers(-10 ** 400, 10 ** 400))),
     max_size=5).map(lambda lines: "\n".join(lines).encode()))
 def test_no_data_file_reaches_a_traceback(tmp_path_factory, content):
     p = tmp_path_factory.mktemp("fuzz") / "d.jsonl"
@@ -161,4 +185,5 @@ def test_no_data_file_reaches_a_traceback(tmp_path_factory, content):
     except ValueError as e:
         assert str(p) in str(e) and "\n" not in str(e)
     else:
-        assert rows and all(isinstance(r["question"], str) and isinstance(r["gold"], float) for r in rows)
+        assert rows
+        assert all(isinstance(r["question"], str) and isinstance(r["gold"], float) for r in rows)

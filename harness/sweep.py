@@ -1,25 +1,26 @@
 """
 RL versus SFT across parameter budgets: the paper's Figures 1-2 in miniature, in one command.
 
-    python sweep.py --preset cpu-sweep --out runs/cpu-sweep   # SmolLM2-135M, arithmetic, 2-core CPU (README)
-    python sweep.py --model Qwen/Qwen2.5-7B-Instruct --data openai/gsm8k --budgets 1,13,120,xs2 --val 500 \\
-        --eval-limit 0 --out runs/sweep-gsm8k       # the full-scale sweep, on a GPU
+    python -m harness.sweep --preset cpu-sweep --out runs/cpu-sweep   # SmolLM2, arithmetic, CPU
+    python -m harness.sweep --model Qwen/Qwen2.5-7B-Instruct --data openai/gsm8k \
+        --budgets 1,13,120,xs2 --val 500 --eval-limit 0 --out runs/sweep-gsm8k   # on a GPU
 
-Budgets: N = exactly N trained scalars (train_grpo.py --params N); xsR = LoRA-XS of rank R, untied (R² per
-module). For each budget and method (rl = train_grpo.py, sft = train_sft.py) each --lrs value is trained
-with seed 0 and scored greedily on the validation split (the last --val training problems); the best one
-is scored on the held-out split and trained again with the other seeds (--seed: data order and
-sampling; P and the SVD sketch stay those of --proj-seed). Flags this script does not know go
-to both trainers (e.g. --steps 10). One model and one generator serve every run, in-process. Writes
-OUT/results.jsonl (one row per evaluation, with every problem's verdict), OUT/table.md, OUT/accuracy.png.
-Killed? Run the same command: evaluations on file are kept, a run in progress resumes from its checkpoint.
+Budgets: N = exactly N trained scalars (train_grpo.py --params N); xsR = LoRA-XS of rank R, untied
+(R² per module). For each budget and method (rl = train_grpo.py, sft = harness/sft.py) each --lrs
+value is trained with seed 0 and scored greedily on the validation split (the last --val training
+problems); the best one is scored on the held-out split and trained again with the other seeds
+(--seed: data order and sampling; P and the SVD sketch stay those of --proj-seed). Flags this
+script does not know go to both trainers (e.g. --steps 10). One model and one generator serve every
+run, in-process. Writes OUT/results.jsonl (a row per evaluation, with every problem's verdict),
+OUT/table.md, OUT/accuracy.png. Killed? The same command keeps the evaluations on file and resumes
+a run in progress from its checkpoint.
 
 Chosen where the paper is silent:
- 1. The lr is the best validation strict accuracy (ties: the smaller lr); the held-out split only ever
-    sees the chosen lr. RL and SFT get the same grid and the same problems in the same order.
- 2. Base = the adapted model at v = 0 (bit-identical to the untouched model, tested), scored like a point.
- 3. Intervals: Wilson 95% per point; p: exact McNemar against the base on the same held-out problems
-    (seed 0; the other seeds' points are drawn as dots and listed).
+ 1. The lr is the best validation strict accuracy (ties: the smaller lr); the held-out split only
+    ever sees the chosen lr. RL and SFT get the same grid and the same problems in the same order.
+ 2. Base = the adapted model at v = 0 (bit-identical to the untouched model, tested).
+ 3. Intervals: Wilson 95% per point; p: exact McNemar against the base on the same held-out
+    problems (seed 0; the other seeds' points are drawn as dots and listed).
 """
 import argparse
 import json
@@ -27,25 +28,32 @@ import os
 import types
 
 
-import engine
 import eval as evaluation
+import rollout
 import task
 import tinylora
 import train_grpo
-import train_sft
+from harness import checkpoint, flags, sft
+from harness.models import load_model, resolve_runtime
 
-TRAINERS = {"rl": train_grpo.main, "sft": train_sft.main}
+TRAINERS = {"rl": train_grpo.main, "sft": sft.main}
 
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    ap.add_argument("--budgets", default="1,13,210,xs2,xs8", help="N (exact scalars) or xsR (LoRA-XS rank R)")
+    ap.add_argument("--budgets", default="1,13,210,xs2,xs8",
+                    help="N (exact scalars) or xsR (LoRA-XS rank R)")
     ap.add_argument("--methods", default="rl,sft")
-    ap.add_argument("--lrs", default="1e-2,3e-2,1e-1", help="the learning-rate grid, per budget and method")
-    ap.add_argument("--seeds", type=int, default=2, help="seeds for the chosen lr (seed 0 is the grid's)")
-    ap.add_argument("--extra-seeds-for", default="13", help="budgets that get the extra seeds ('all' for every)")
-    ap.add_argument("--val", type=int, default=100, help="validation problems, carved from the end of train")
-    ap.add_argument("--eval-limit", type=int, default=200, help="held-out problems scored (0 = all)")
+    ap.add_argument("--lrs", default="1e-2,3e-2,1e-1",
+                    help="the learning-rate grid, per budget and method")
+    ap.add_argument("--seeds", type=int, default=2,
+                    help="seeds for the chosen lr (seed 0 is the grid's)")
+    ap.add_argument("--extra-seeds-for", default="13",
+                    help="budgets that get the extra seeds ('all' for every)")
+    ap.add_argument("--val", type=int, default=100,
+                    help="validation problems, carved from the end of train")
+    ap.add_argument("--eval-limit", type=int, default=200,
+                    help="held-out problems scored (0 = all)")
     ap.add_argument("--out", default="runs/sweep")
     args, rest = ap.parse_known_args(argv)
     args.trainer = rest + ["--val", str(args.val), "--eval-n", "0", "--sample-every", "0"]
@@ -54,8 +62,8 @@ def get_args(argv=None):
     for b in args.budgets:
         budget_flags(b)
     if set(args.methods) - set(TRAINERS) or args.seeds < 1 or args.val < 1:
-        raise ValueError(f"--methods from {sorted(TRAINERS)}, --seeds and --val >= 1; got {args.methods}, "
-                         f"{args.seeds}, {args.val}")
+        raise ValueError(f"--methods from {sorted(TRAINERS)}, --seeds and --val >= 1; got "
+                         f"{args.methods}, {args.seeds}, {args.val}")
     return args
 
 
@@ -70,27 +78,33 @@ def budget_flags(b):
 
 
 def load_shared(args):
-    """One model and generator for every run: (trainer args of the first run, (model, tok, generator))."""
+    """One model and generator for every run: (trainer args of the first run, (model, tok,
+    generator))."""
     t = train_grpo.get_args(args.trainer + ["--out", args.out])
-    dev, dtype, backend = engine.resolve_runtime(t.device, t.dtype, t.backend)
-    model, tok = engine.load_model(t.model, dtype=dtype, device=dev)
-    gen = engine.make_generator(backend, model, tok, None, t.model, args.out, dtype, t.max_prompt + t.max_new_tokens,
+    dev, dtype, backend = resolve_runtime(t.device, t.dtype, t.backend)
+    model, tok = load_model(t.model, dtype=dtype, device=dev)
+    generator = rollout.make_generator(backend, model, tok, None, t.model, args.out, dtype,
+                                 t.max_prompt + t.max_new_tokens,
                                 t.seed, t.gpu_memory_utilization, "merged")
-    return t, (model, tok, gen)
+    return t, (model, tok, generator)
 
 
-def score(gen, tok, bank, t, split, limit):
-    """Greedy eval of the current v on `split` with eval.py's protocol: (per-problem verdicts, summary)."""
+def score(generator, tok, bank, t, split, limit):
+    """Greedy eval of the current v on `split` with eval.py's protocol: (per-problem verdicts,
+    summary)."""
     rows, shots = task.load_task(t.data, split, t.shots, t.val)
     items = task.prompt_ids(tok, rows[:limit] if limit else rows, shots, t.max_prompt)
-    gen.push(bank)
-    res, summary = evaluation.run(gen, items, types.SimpleNamespace(batch_size=64, max_new_tokens=t.max_new_tokens,
+    generator.push(bank)
+    res, summary = evaluation.run(generator, items,
+                                  types.SimpleNamespace(batch_size=64,
+                                                        max_new_tokens=t.max_new_tokens,
                                                                      seed=t.seed), split)
     return [{k: r[k] for k in evaluation.METRICS} for r in res], summary
 
 
 def train_and_score(args, loaded, done, method, budget, lr, seed, splits):
-    """Train one point (or resume it) and score it on `splits`, unless results.jsonl already has them."""
+    """Train one point (or resume it) and score it on `splits`, unless results.jsonl already has
+    them."""
     name = f"{method}-{budget}-lr{lr:g}-s{seed}"
     todo = [s for s in splits if (name, s) not in done]
     if not todo:
@@ -98,22 +112,26 @@ def train_and_score(args, loaded, done, method, budget, lr, seed, splits):
     run_dir = os.path.join(args.out, name)
     ckpt = os.path.join(run_dir, "checkpoint.safetensors")
     argv = (["--resume", run_dir] if os.path.isfile(ckpt) else
-            args.trainer + budget_flags(budget) + ["--lr", str(lr), "--seed", str(seed), "--out", run_dir])
+            args.trainer + budget_flags(budget) + ["--lr", str(lr), "--seed", str(seed), "--out",
+                                                   run_dir])
     t = train_grpo.get_args(argv)
     bank = TRAINERS[method](argv, loaded)
     try:
         for split in todo:
-            record(args, done, loaded, bank, t, dict(name=name, method=method, budget=budget, lr=lr, seed=seed), split)
+            record(args, done, loaded, bank, t,
+                   dict(name=name, method=method, budget=budget, lr=lr, seed=seed), split)
     finally:
         tinylora.remove_tinylora(loaded[0])
 
 
 def record(args, done, loaded, bank, t, key, split):
-    verdicts, summary = score(loaded[2], loaded[1], bank, t, split, args.eval_limit if split == "test" else 0)
+    verdicts, summary = score(loaded[2], loaded[1], bank, t, split,
+                              args.eval_limit if split == "test" else 0)
     row = dict(key, split=split, params=bank.num_params(), **summary, verdicts=verdicts)
-    engine.append_jsonl(os.path.join(args.out, "results.jsonl"), row)
+    checkpoint.append_jsonl(os.path.join(args.out, "results.jsonl"), row)
     done[(key["name"], split)] = row
-    print(f"{key['name']} [{split}]: strict {summary['strict']['acc']:.1%}  flexible {summary['flexible']['acc']:.1%}")
+    strict, flexible = summary["strict"]["acc"], summary["flexible"]["acc"]
+    print(f"{key['name']} [{split}]: strict {strict:.1%}  flexible {flexible:.1%}")
 
 
 def read_results(out):
@@ -141,30 +159,35 @@ def main(argv=None):
         bank = tinylora.apply_tinylora(loaded[0], params=1, targets=t.targets.split(","))
         try:
             for split in ("val", "test"):
-                record(args, done, loaded, bank, t, dict(name="base", method="base", budget="0", lr=0.0, seed=0), split)
+                record(args, done, loaded, bank, t,
+                       dict(name="base", method="base", budget="0", lr=0.0, seed=0), split)
         finally:
             tinylora.remove_tinylora(loaded[0])
-    # ---- the grid (seed 0, validation), then the chosen lr on the held-out split and with more seeds
+    # ---- the grid (seed 0, validation), then the chosen lr on the held-out split and with more
+    # seeds
     points = [(m, b) for b in args.budgets for m in args.methods]
     for m, b in tqdm(points, desc="sweep", position=0):
         for lr in args.lrs:
             train_and_score(args, loaded, done, m, b, lr, 0, ["val"])
         lr = best_lr(done, m, b, args.lrs)
         train_and_score(args, loaded, done, m, b, lr, 0, ["val", "test"])
-        for seed in range(1, args.seeds) if args.extra_seeds_for == "all" or b in args.extra_seeds_for.split(",") else []:
+        extra = args.extra_seeds_for == "all" or b in args.extra_seeds_for.split(",")
+        for seed in range(1, args.seeds) if extra else []:
             train_and_score(args, loaded, done, m, b, lr, seed, ["test"])
     report(args, done)
 
 
-# ---- Report: the table and the figure ---------------------------------------------------------------------
+# ---- Report: the table and the figure ------------------------------------------------------------
 def chosen(done, budgets, methods, lrs):
-    """[(method, budget, lr, seed-0 held-out row, other seeds' held-out rows)] for every finished point."""
+    """[(method, budget, lr, seed-0 held-out row, other seeds' held-out rows)] for every finished
+    point."""
     out = []
     for b in budgets:
         for m in methods:
             if all((f"{m}-{b}-lr{lr:g}-s0", "val") in done for lr in lrs):
                 lr = best_lr(done, m, b, lrs)
-                rows = [r for (n, s), r in done.items() if s == "test" and n.startswith(f"{m}-{b}-lr{lr:g}-s")]
+                rows = [r for (n, s),
+                        r in done.items() if s == "test" and n.startswith(f"{m}-{b}-lr{lr:g}-s")]
                 main_row = [r for r in rows if r["seed"] == 0]
                 if main_row:
                     out.append((m, b, lr, main_row[0], [r for r in rows if r["seed"] != 0]))
@@ -174,15 +197,20 @@ def chosen(done, budgets, methods, lrs):
 def table(done, budgets, methods, lrs):
     cell = lambda x: f"{x['acc']:.1%} [{x['ci95'][0]:.1%}, {x['ci95'][1]:.1%}]"  # noqa: E731
     base = done[("base", "test")]
-    lines = ["| method | budget | params | lr (val strict per lr) | strict | p vs base | flexible | p vs base | other seeds (strict / flexible) |",
+    lines = ["| method | budget | params | lr (val strict per lr) | strict | p vs base | flexible "
+             "| p vs base | other seeds (strict / flexible) |",
              "| --- | --- | ---: | --- | --- | ---: | --- | ---: | --- |",
              f"| base | - | 0 | - | {cell(base['strict'])} | | {cell(base['flexible'])} | | |"]
     for m, b, lr, row, more in chosen(done, budgets, methods, lrs):
-        grid = ", ".join(f"{x:g}: {done[(f'{m}-{b}-lr{x:g}-s0', 'val')]['strict']['acc']:.0%}" for x in lrs)
-        p = {k: evaluation.compare(base["verdicts"], row["verdicts"], k)["p_value"] for k in ("strict", "flexible")}
-        seeds = "; ".join(f"s{r['seed']}: {r['strict']['acc']:.1%} / {r['flexible']['acc']:.1%}" for r in more)
-        lines.append(f"| {m} | {b} | {row['params']} | **{lr:g}** ({grid}) | {cell(row['strict'])} | {p['strict']:.2g} | "
-                     f"{cell(row['flexible'])} | {p['flexible']:.2g} | {seeds} |")
+        val = {x: done[(f"{m}-{b}-lr{x:g}-s0", "val")]["strict"]["acc"] for x in lrs}
+        grid = ", ".join(f"{x:g}: {val[x]:.0%}" for x in lrs)
+        p = {k: evaluation.compare(base["verdicts"], row["verdicts"], k)["p_value"]
+             for k in ("strict", "flexible")}
+        seeds = "; ".join(f"s{r['seed']}: {r['strict']['acc']:.1%} / {r['flexible']['acc']:.1%}"
+                          for r in more)
+        lines.append(f"| {m} | {b} | {row['params']} | **{lr:g}** ({grid}) | {cell(row['strict'])} "
+                     f"| {p['strict']:.2g} | {cell(row['flexible'])} | {p['flexible']:.2g} "
+                     f"| {seeds} |")
     return "\n".join(lines) + "\n"
 
 
@@ -198,7 +226,8 @@ def plot(done, budgets, methods, lrs, path):
             pts = sorted((row["params"], row[k]) for mm, _, _, row, _ in points if mm == m)
             if pts:
                 x, y = [p for p, _ in pts], [s["acc"] for _, s in pts]
-                err = [[s["acc"] - s["ci95"][0] for _, s in pts], [s["ci95"][1] - s["acc"] for _, s in pts]]
+                err = [[s["acc"] - s["ci95"][0] for _, s in pts],
+                       [s["ci95"][1] - s["acc"] for _, s in pts]]
                 ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=color, label=m.upper())
             more = [(r["params"], r[k]["acc"]) for mm, _, _, _, rs in points if mm == m for r in rs]
             if more:
@@ -222,4 +251,4 @@ def report(args, done):
 
 
 if __name__ == "__main__":
-    engine.run_cli(main)
+    flags.run_cli(main)

