@@ -22,7 +22,6 @@ Chosen here:
     timing. All variants run on one model instance; the base forward is timed first and last, and
     the faster counts. On a 2-core CPU, repeated runs of the same ratio vary by about ±5%.
 """
-import argparse
 import json
 import os
 import platform
@@ -130,7 +129,7 @@ def apply_peft(model):
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="TinyLoRA vs PEFT, side by side")
+    ap = flags.new_parser("TinyLoRA vs PEFT, side by side")
     ap.add_argument("--size", default="smollm2", choices=sorted(SIZES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")

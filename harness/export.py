@@ -88,8 +88,9 @@ def delta_kept(bank, dtype, every=1):
 def plan_main(argv):
     """The plan and its cost, from the model's config alone."""
     ap = flags.new_parser("The TinyLoRA plan for a model (no weights read)")
-    flags.add_model(ap)
-    flags.add_adapter(ap)
+    ap.prog = "python -m harness.export plan"
+    flags.add_model(ap, runtime=False)
+    flags.add_adapter(ap, factors=False)
     ap.add_argument("--map", action="store_true", help="also print the module -> group map")
     args = ap.parse_args(argv)
     targets = args.targets.split(",")

@@ -27,19 +27,27 @@ PRESETS["cpu-sweep"] = dict(PRESETS["cpu-demo"], out="runs/cpu-sweep")
 
 
 def new_parser(description):
-    return argparse.ArgumentParser(description=description,
+    """A parser whose usage line names the command as typed (`python -m harness.sft` for a program
+    in harness/), with every default in --help."""
+    where, name = os.path.split(os.path.splitext(os.path.abspath(sys.argv[0]))[0])
+    prog = f"python -m harness.{name}" if os.path.basename(where) == "harness" else None
+    return argparse.ArgumentParser(prog=prog, description=description,
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
-def add_model(ap):
+def add_model(ap, runtime=True):
+    """--model; with runtime, also the dtype and device it loads in."""
     g = ap.add_argument_group("model")
     g.add_argument("--model", default=PAPER_MODEL, help="hub id, local folder or .gguf file")
+    if not runtime:
+        return
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="model weights (v is always fp32); auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--device", default="auto")
 
 
-def add_adapter(ap):
+def add_adapter(ap, factors=True):
+    """The plan's flags; with factors, also how U, Σ, V and P are drawn (the SVD, P's seed)."""
     g = ap.add_argument_group("adapter")
     g.add_argument("--params", type=int, default=13, help="exact number of trainable scalars")
     g.add_argument("--u", type=int, default=None, help="scalars per group (with --n-tie)")
@@ -47,9 +55,10 @@ def add_adapter(ap):
     g.add_argument("--r", type=int, default=2, help="frozen SVD rank")
     g.add_argument("--tie", default="tiled", choices=["tiled", "structured"])
     g.add_argument("--targets", default=",".join(tinylora.DEFAULT_TARGETS))
-    g.add_argument("--svd", default="randomized", choices=["randomized", "exact"])
     g.add_argument("--lora-xs", action="store_true", help="u = r², P = standard basis")
-    g.add_argument("--proj-seed", type=int, default=0, help="the fixed random P and the SVD sketch")
+    if factors:
+        g.add_argument("--svd", default="randomized", choices=["randomized", "exact"])
+        g.add_argument("--proj-seed", type=int, default=0, help="the fixed random P and SVD sketch")
 
 
 def add_data(ap):

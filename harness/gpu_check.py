@@ -19,7 +19,6 @@ their configs; no download):
 Writes one JSON object (every number, the card, the versions) to --out after every section, so a
 run cut short by a time limit keeps what it measured; prints a summary.
 """
-import argparse
 import gc
 import importlib.metadata
 import json
@@ -211,7 +210,7 @@ def make_tokenizer(out, gguf=flags.SHARED_SMOL):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap = flags.new_parser(__doc__.split("\n")[1])
     ap.add_argument("--tokenizer", required=True, help="an HF tokenizer folder (chat template)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_check.json"))
     ap.add_argument("--tiny", action="store_true",

@@ -22,7 +22,6 @@ Chosen where the paper is silent:
  3. Intervals: Wilson 95% per point; p: exact McNemar against the base on the same held-out
     problems (seed 0; the other seeds' points are drawn as dots and listed).
 """
-import argparse
 import json
 import os
 import types
@@ -40,7 +39,7 @@ TRAINERS = {"rl": train_grpo.main, "sft": sft.main}
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap = flags.new_parser(__doc__.split("\n")[1])
     ap.add_argument("--budgets", default="1,13,210,xs2,xs8",
                     help="N (exact scalars) or xsR (LoRA-XS rank R)")
     ap.add_argument("--methods", default="rl,sft")
