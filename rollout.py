@@ -245,10 +245,20 @@ class Generator:
 
     def generate(self, prompts, n, max_new, temperature, seed, index=None):
         """n completions per prompt (temperature 0 = greedy), reproducible from `seed` and each
-        prompt's place in the global batch (index; default 0, 1, ...)."""
+        prompt's place in the global batch (index; default 0, 1, ...). The ranks of one
+        tensor-parallel engine submit the same requests and each keeps its own slice."""
         index = list(range(len(prompts)) if index is None else index)
-        if self.tp_group is not None:  # the ranks of one engine submit the same requests
-            return self.generate_tp(prompts, n, max_new, temperature, seed, index)
+        if self.tp_group is None:
+            return self.generate_here(prompts, n, max_new, temperature, seed, index)
+        import torch.distributed as dist
+        parts = [None] * self.tp
+        dist.all_gather_object(parts, (list(prompts), index), group=self.tp_group)
+        out = self.generate_here([p for ps, _ in parts for p in ps], n, max_new, temperature, seed,
+                                 [i for _, ix in parts for i in ix])
+        first = n * sum(len(ps) for ps, _ in parts[:rank_world()[0] % self.tp])
+        return out[first:first + n * len(prompts)]
+
+    def generate_here(self, prompts, n, max_new, temperature, seed, index):
         torch.manual_seed(seed)
         if self.llm is None:
             return generate_hf(self.model, self.tok, prompts, n, max_new, temperature, self.eos,
@@ -256,19 +266,6 @@ class Generator:
         seeds = row_seeds(seed, index, n)[::n] if torch.cuda.is_available() else None
         return generate_vllm(self.llm, self.tok, prompts, n, max_new, temperature, self.eos,
                              self.lora, seeds)
-
-    def generate_tp(self, prompts, n, max_new, temperature, seed, index):
-        import torch.distributed as dist
-        parts = [None] * self.tp
-        dist.all_gather_object(parts, (list(prompts), index), group=self.tp_group)
-        group, self.tp_group = self.tp_group, None
-        try:
-            out = self.generate([p for ps, _ in parts for p in ps], n, max_new, temperature, seed,
-                                [i for _, ix in parts for i in ix])
-        finally:
-            self.tp_group = group
-        first = n * sum(len(ps) for ps, _ in parts[:rank_world()[0] % self.tp])
-        return out[first:first + n * len(prompts)]
 
     def push(self, bank):
         """Give the generator W0 + ΔW (HF generates on the live model: nothing to do). Returns the

@@ -160,7 +160,7 @@ def plan_groups(names, types, r, params=None, u=None, n_tie=None, tie="tiled", b
         sizes = [sz]
     else:
         u = budget_sizes(len(names), r, params, balanced=True)[0]
-        per_seq = balanced_sizes(params // u, len(seqs)) if params // u >= len(seqs) else [0]
+        per_seq = balanced_sizes(params // u, len(seqs))  # a 0 when groups are fewer than types
         if min(per_seq) == 0 or any(g > len(s) for g, s in zip(per_seq, seqs)):
             raise ValueError(f"structured tying needs from one group per module type to one per "
                              f"module; params={params} gives {params // u} groups")

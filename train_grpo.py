@@ -294,10 +294,11 @@ def policy_update(model, bank, opt, seqs, A, sampler_lp, lrs, micro_batch, tempe
     stats = dict(clip_low=0, clip_high=0, grad_norm=0.0)
     for m, lr in enumerate(lrs):
         idx = list(range(m * N // M, (m + 1) * N // M))  # the mini-batch, whole groups
-        n_tokens, n_seqs = dist.all_sum(mask[idx].sum().item()), dist.all_sum(len(idx))
-        w = agg_weights(mask[idx], loss_agg, max_new, n_tokens, n_seqs)  # (len(idx), C)
+        mini = mask[idx]  # (len(idx), C)
+        n_tokens, n_seqs = dist.all_sum(mini.sum().item()), dist.all_sum(len(idx))
+        w = agg_weights(mini, loss_agg, max_new, n_tokens, n_seqs)  # (len(idx), C)
         opt.zero_grad(set_to_none=True)
-        lo, hi = accumulate_grad(model, seqs, idx, old_lp, sampler_lp, A, w, mask[idx], micro_batch,
+        lo, hi = accumulate_grad(model, seqs, idx, old_lp, sampler_lp, A, w, mini, micro_batch,
                                  temperature, eps_low, eps_high, tis_cap, M == 1, G, max_tokens)
         stats["clip_low"] += dist.all_sum(lo)
         stats["clip_high"] += dist.all_sum(hi)
