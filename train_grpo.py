@@ -383,7 +383,11 @@ def finish(args, generator, tok, bank, total_steps):
     if dist.rank_world()[0] == 0:
         tinylora.save_adapter(bank, adapter, base_model=args.model)
         metrics.plot_rewards(log, os.path.join(args.out, "reward.png"))
-        print(f"done: adapter {adapter} ({bank.num_params()} parameters)")
+        evals = [r for r in checkpoint.read_jsonl(log) if r["kind"] == "eval"]
+        if len(evals) > 1:
+            print(evaluation.before_after(evals[0], evals[-1]))
+        print(f"done: adapter {adapter} ({bank.num_params()} parameters), log {log}, "
+              f"reward plot {os.path.join(args.out, 'reward.png')}")
     dist.barrier()
     return bank
 

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +37,7 @@ import rollout
 import task
 import tinylora
 import train_grpo as tg
-from harness import export, flags
+from harness import checkpoint, export, flags
 from harness.models import load_model
 
 SIZES = {  # (architecture, config kwargs): the real shapes, from the published configs
@@ -376,48 +377,73 @@ def trl_step(spec, steps):
     print(json.dumps(dict(step_s=times)))
 
 
+ANCHOR = os.path.join(flags.ROOT, "..", "shared", "anchors", "trl_cpu_step.py")
+
+
+def run_trl(spec, steps, env):
+    """TRL + PEFT's step seconds: the shared anchor script when it is there (it imports
+    `engine.load_model`, which this layout calls harness.models.load_model: a one-line `engine`
+    module on PYTHONPATH stands in), else this file's --trl-step copy of it."""
+    with tempfile.TemporaryDirectory() as shim:
+        with open(os.path.join(shim, "engine.py"), "w") as f:
+            f.write("from harness.models import load_model  # noqa: F401\n")
+        path = os.pathsep.join([shim, flags.ROOT, env.get("PYTHONPATH", "")])
+        cmd = ([ANCHOR, spec, str(steps)] if os.path.isfile(ANCHOR) else
+               ["-m", "harness.bench", "--trl-step", spec, str(steps)])
+        p = subprocess.run([sys.executable, *cmd], env=dict(env, PYTHONPATH=path),
+                           capture_output=True, text=True, cwd=flags.ROOT)
+    if p.returncode:
+        raise ValueError(f"TRL failed: {p.stderr.strip().splitlines()[-1]}")
+    return trl_median(p.stdout.strip().splitlines()[-1])
+
+
+def trl_median(line):
+    """The median step seconds in --trl-step's JSON line or the anchor's summary line ('TRL 1.16.0
+    + PEFT TinyLoRA (13 trainable): step times [113.2, 112.9], median ...')."""
+    if line.startswith("{"):
+        return statistics.median(json.loads(line)["step_s"])
+    if "step times [" not in line:
+        raise ValueError(f"no step times in TRL's last line: {line[:100]!r}")
+    return statistics.median(float(x) for x in line.split("step times [")[1].split("]")[0]
+                             .split(","))
+
+
 def grpo_step_bench(spec, steps=3):
-    """The whole GRPO step on the CPU demo config (8 prompts × 8 samples, 40 tokens, 13 parameters),
-    each system in its own process, one after the other: this project with vLLM and with HF
-    rollouts, the same without the shared prompt (the in-run baseline), and TRL + PEFT when TRL is
-    importable."""
-    import subprocess
+    """The whole GRPO step on the anchor's config (8 prompts × 8 samples, 40 tokens, 2 shots, 13
+    parameters), each system in its own process, one after the other: this project with vLLM and
+    with HF rollouts, the same without the shared prompt (the in-run baseline), then TRL + PEFT
+    (../shared/anchors/trl_cpu_step.py) when TRL is importable."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     res = {}
     runs = [("ours, vLLM", ["--backend", "vllm"]), ("ours, vLLM, prompt recomputed per sample",
                                                     ["--backend", "vllm", "--no-shared-prompt"]),
             ("ours, HF generate", ["--backend", "hf"])]
+    config = ["--batch-prompts", "8", "--max-new-tokens", "40", "--shots", "2", "--val", "0",
+              "--eval-n", "0", "--sample-every", "0"]
     for label, extra in runs:
         with tempfile.TemporaryDirectory() as d:
             p = subprocess.run([sys.executable, "train_grpo.py", "--preset", "cpu-demo", "--model",
-                                spec, "--steps", str(steps),
-                                # the benchmark's config
-                                "--batch-prompts", "8", "--max-new-tokens", "40", "--val", "0",
-                                "--eval-n", "0", "--sample-every", "0", "--out", d, *extra],
-                                env=env, capture_output=True, text=True)
+                                spec, "--steps", str(steps), *config, "--out", d, *extra],
+                               env=env, capture_output=True, text=True, cwd=flags.ROOT)
             if p.returncode:
                 raise ValueError(f"{label} failed: {p.stderr.strip().splitlines()[-1]}")
-            rows = [json.loads(x) for x in open(os.path.join(d, "log.jsonl"))]
+            rows = checkpoint.read_jsonl(os.path.join(d, "log.jsonl"))
             res[label] = {k: statistics.median(r[k] for r in rows) for k in TIMES}
+        print(label, res[label], flush=True)
     try:
         import trl  # noqa: F401
-        p = subprocess.run([sys.executable, "bench.py", "--trl-step", spec, str(steps)], env=env,
-                           capture_output=True, text=True)
-        if p.returncode:
-            raise ValueError(f"TRL failed: {p.stderr.strip().splitlines()[-1]}")
-        step_s = json.loads(p.stdout.strip().splitlines()[-1])["step_s"]
-        res["TRL 1.16 + PEFT TinyLoRA, HF generate"] = dict(t_step=statistics.median(step_s))
+        res["TRL 1.16 + PEFT TinyLoRA, HF generate"] = dict(t_step=run_trl(spec, steps, env))
     except ImportError:
         print("TRL is not installed: its column is skipped (pip install --no-deps --target DIR "
               "trl==1.16.0, then PYTHONPATH=DIR)")
     base = res.get("TRL 1.16 + PEFT TinyLoRA, HF generate")
-    print(f"\n| GRPO step, CPU demo config ({steps} steps, median) | step, s | generate | train | "
+    print(f"\n| GRPO step, anchor config ({steps} steps, median) | step, s | generate | train | "
           "sync | TRL ÷ this |")
     print("| --- | --- | --- | --- | --- | --- |")
     for label, r in res.items():
         cells = " | ".join(f"{r[k]:.1f}" if k in r else "-" for k in TIMES)
-        print(f"| {label} | {cells} | {base['t_step'] / r['t_step']:.1f}× "
-              "|" if base else f"| {label} | {cells} | - |")
+        ratio = f"{base['t_step'] / r['t_step']:.1f}×" if base else "-"
+        print(f"| {label} | {cells} | {ratio} |")
     return res
 
 

@@ -67,6 +67,11 @@ def append_jsonl(path, row):
             f.write(json.dumps(row) + "\n")
 
 
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def recover_run(out, step):
     """Bring a run folder back to its checkpoint's step: drop log rows past it (the log is written
     before the checkpoint) and temp files a kill tore (files are only ever renamed into place
@@ -75,6 +80,6 @@ def recover_run(out, step):
         os.remove(stale)
     log_path = os.path.join(out, "log.jsonl")
     if os.path.isfile(log_path):
-        rows = [json.loads(line) for line in open(log_path)] if step else []
+        rows = read_jsonl(log_path) if step else []
         with open(log_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)

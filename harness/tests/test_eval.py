@@ -31,6 +31,17 @@ def test_mcnemar_exact_on_known_tables():
     assert E.mcnemar_exact(0, 6) == pytest.approx(2 / 64)
 
 
+def test_before_after_counts_the_paired_changes_and_shows_a_gained_problem():
+    first = dict(strict=0.5, right=[1, 0, 0, 1, 0, 1], questions=list("abcdef"),
+                 replies=["r0", "wrong b", "r2", "r3", "r4", "r5"])
+    last = dict(first, strict=2 / 3, right=[1, 1, 1, 0, 0, 1],
+                replies=["r0", "right b"] + ["x"] * 4)
+    text = E.before_after(first, last)
+    assert text.startswith("held-out strict 50.0% -> 66.7%: 2 gained, 1 lost, McNemar p = 1")
+    assert "e.g. b\n    before: 'wrong b'\n    after:  'right b'" in text
+    assert "e.g." not in E.before_after(first, dict(first))  # nothing gained: no example
+
+
 def test_strict_flexible_split_on_a_table_of_replies():
     table = [  # reply, gold, finished -> strict, flexible, unparseable
         ("3 + 4 = 7\n#### 7", 7, True, True, True, False),

@@ -161,3 +161,12 @@ def test_cli_prints_the_plan_and_refuses_an_infeasible_budget(tiny_folder):
     assert "nearest feasible budgets: [52, 56]" in p.stderr
     p = run_cli("--model", "/nonexistent/x.gguf")
     assert p.returncode == 2 and "not found" in p.stderr
+
+
+def test_trl_step_times_are_read_from_either_output():
+    from harness import bench
+    anchor = "TRL 1.16.0 + PEFT TinyLoRA (13 trainable): step times [120.5, 98.25, 130.0], median"
+    assert bench.trl_median(anchor + " 120.5 s, total 400 s") == 120.5
+    assert bench.trl_median('{"step_s": [3.0, 1.0]}') == 2.0
+    with pytest.raises(ValueError, match="no step times"):
+        bench.trl_median("Traceback (most recent call last):")

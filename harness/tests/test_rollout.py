@@ -108,15 +108,22 @@ def test_vllm_lora_push_matches_trainer_logprobs(tiny_folder, smol_tok, tmp_path
     assert gap() < 1e-3 < stale
 
 
-def test_only_the_partial_push_warnings_are_filtered():
+def test_only_vllms_noise_is_filtered():
     import logging
-    f = rollout.PartialPushFilter()
-    # noqa: E731
-    rec = lambda msg, *a: logging.LogRecord("vllm.x", logging.WARNING, "f", 1, msg, a, None)
-    assert not f.filter(rec("Following weights were not loaded from checkpoint: %s", {"a"}))
-    assert not f.filter(rec("%s: Failed to load weights", "RMSNorm"))
-    assert f.filter(rec("Allocating %.1f MB of device memory to buffers", 3.0))
-    assert f.filter(rec("KV cache is full"))
+
+    from harness.models import VllmNoise
+    f = VllmNoise()
+
+    def rec(name, msg, *a):
+        return logging.LogRecord(name, logging.WARNING, "f", 1, msg, a, None)
+    push, cpu = "vllm.model_executor.model_loader.reload.layerwise", "vllm.v1.worker.cpu_worker"
+    assert not f.filter(rec(push, "Following weights were not loaded from checkpoint: %s", {"a"}))
+    assert not f.filter(rec(push, "%s: Failed to load weights", "RMSNorm"))
+    assert not f.filter(rec(cpu, "%s is not found in LD_PRELOAD. For best performance", "x"))
+    assert not f.filter(rec(cpu, "CPU backend doesn't allow to use `torch.set_num_threads` after"))
+    assert f.filter(rec(push, "Allocating %.1f MB of device memory to buffers", 3.0))
+    assert f.filter(rec(cpu, "KV cache is full"))
+    assert f.filter(rec("vllm.other", "Following weights were not loaded from checkpoint: %s"))
 
 
 def test_vllm_requests_carry_one_seed_per_prompt_when_seeds_are_given():

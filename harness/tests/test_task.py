@@ -2,6 +2,7 @@
 prompts. CPU only, no network. Run: pytest -q harness/tests/test_task.py"""
 import json
 import os
+import re
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -108,6 +109,24 @@ def test_arith_split_is_deterministic_and_disjoint():
     assert task.arith_rows("test") == test
     assert all(eval(r["question"][8:-1]) == r["gold"] for r in test)
     assert all(task.extract_strict(r["solution"]) == r["gold"] for r in train + test)
+
+
+def test_transfer_set_differs_in_range_and_wording_and_keeps_arith_shots():
+    rows, shots = task.load_task("arith-transfer", "test", shots=2)
+    arith = task.arith_rows("test") + task.arith_rows("train")
+    assert len(rows) == 200 and rows == task.transfer_rows()
+    assert shots == task.load_task("arith", "test")[1]
+    assert task.load_task("arith-transfer", "train", 2, 100) == task.load_task("arith", "train", 2,
+                                                                               100)
+    for r in rows:
+        a, b = map(int, re.findall(r"\d+", r["question"]))
+        a, b = (b, a) if r["question"].startswith("Subtract") else (a, b)  # "Subtract b from a"
+        op = "+" if any(w in r["question"] for w in ("sum", "Add", "plus", "+")) else "-"
+        assert 21 <= a <= 60 and 21 <= b <= 60
+        assert r["gold"] == (a + b if op == "+" else a - b) == float(r["answer"])
+    assert not {r["question"] for r in rows} & {r["question"] for r in arith}
+    assert {q.split()[0] for q in (r["question"] for r in rows)} >= {"What", "Add", "Subtract",
+                                                                       "Compute"}
 
 
 def test_shots_and_validation_come_from_train_and_are_never_trained_on():

@@ -504,6 +504,23 @@ def test_the_gpu_recipe_on_a_machine_without_a_gpu_is_refused_before_anything_lo
     assert demo.model != "Qwen/Qwen2.5-7B-Instruct"
 
 
+def test_the_console_config_names_every_resolved_value_within_100_columns(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = tg.get_args(["--params", "13", "--preset", "cpu-demo"])
+    config = dict(vars(args), resolved=dict(device="cpu", world_size=1))
+    text = flags.summary(config)
+    words = text.split()
+    assert words[0] == "config:" and all(len(line) <= 100 for line in text.splitlines())
+    assert {w.split("=", 1)[0] for w in words[1:]} == set(vars(args)) | {"device", "world_size"}
+    assert "betas=(0.9,0.999)" in words and "lr=0.01" in words and "micro_batch=32" in words
+
+
+def test_running_mean_hand_computed():
+    from harness.metrics import running_mean
+    assert running_mean([1, 0, 0, 1, 1], 2) == [1, 0.5, 0, 0.5, 1]
+    assert running_mean([3, 1, 2], 4) == [3, 2, 2] and running_mean([], 4) == []
+
+
 def saved_bytes_per_token_per_layer(m, seqs, checkpointing):
     """Autograd memory of the decoder layers in one loss pass: every tensor saved for backward
     inside a layer (saved-tensor hooks), plus, with checkpointing, the layer input kept for the
