@@ -183,9 +183,9 @@ def head_logprobs(model, h, y, temperature, chunk=None):
 def token_logprobs(model, seqs, temperature, G=1):
     """log π of every completion token through the adapter, with grad: (b, c) right-padded.
     seqs: (prompt ids, completion ids). G = 1: one pass over prompt + completion (left-padded). G >
-    1: groups of G share a prompt, which runs once (with grad: v changes its keys and values too);
-    its G completions run on its KV cache, in runs of similar lengths: (Lp + G·C)/(G·(Lp + C)) of
-    the work, less the padding."""
+    1: groups of G share a prompt, which runs once (with grad: v changes its keys and values too),
+    its prefix common to all prompts once for all; its G completions run on its KV cache, in runs of
+    similar lengths: (Lp + G·C)/(G·(Lp + C)) of the work, less the padding."""
     dev = next(model.parameters()).device
     Lp, C = max(len(p) for p, _ in seqs), max(len(c) for _, c in seqs)
     y = torch.tensor([c + [0] * (C - len(c)) for _, c in seqs], device=dev)  # (b, C) completion ids
@@ -202,10 +202,7 @@ def token_logprobs(model, seqs, temperature, G=1):
     prompts = [seqs[i][0] for i in range(0, len(seqs), G)]
     if any(seqs[i][0] != prompts[i // G] for i in range(len(seqs))):
         raise ValueError(f"token_logprobs(G={G}): sequences of a group must share a prompt")
-    ids, pmask = (t.to(dev) for t in left_pad(prompts, Lp))  # (g, Lp)
-    pos = (pmask.cumsum(1) - 1).clamp_min(0)
-    out = model.base_model(input_ids=ids, attention_mask=pmask, position_ids=pos, use_cache=True)
-    kv = [(k, v) for k, v, *_ in out.past_key_values]  # per layer (g, heads, Lp, d), with grad
+    kv, pmask, last = prompt_pass(model, prompts, dev)  # (g, heads, Lp, d) per layer, (g, Lp)
     parts, lps = length_runs([len(c) for _, c in seqs]), []
     for part in parts:  # completions of similar lengths, each padded only to its run's longest
         rows, Cr = torch.tensor(part, device=dev) // G, max(len(seqs[i][1]) for i in part)
@@ -214,10 +211,31 @@ def token_logprobs(model, seqs, temperature, G=1):
         mask = torch.cat([pmask[rows], cmask[part, :Cr]], 1)  # (n, Lp + Cr)
         h = model.base_model(input_ids=y[part, :Cr], attention_mask=mask, position_ids=pos,
                              past_key_values=cache).last_hidden_state  # (n, Cr, H)
-        h = torch.cat([out.last_hidden_state[rows, -1:], h[:, :Cr - 1]], 1)  # h predicts y
+        h = torch.cat([last[rows], h[:, :Cr - 1]], 1)  # h predicts y
         lps.append(F.pad(head_logprobs(model, h, y[part, :Cr], temperature), (0, C - Cr)))
     order = torch.tensor([i for part in parts for i in part], device=dev)
     return torch.cat(lps)[torch.argsort(order)]  # (b, C), back in the order of seqs
+
+
+def prompt_pass(model, prompts, dev):
+    """The prompts' forward with grad, for their completions to run on: per-layer keys and values
+    (g, heads, Lp, d), the mask over them (g, Lp) and the last prompt token's state (g, 1, H). The
+    prefix every prompt shares (system prompt, shots) runs once, its cache repeated g times."""
+    shared = len(os.path.commonprefix(prompts)) if len(prompts) > 1 else 0
+    Lc, cache = min(shared, min(len(p) for p in prompts) - 1), None  # ≥ 1 token of each left
+    if Lc > 0:
+        pre = model.base_model(input_ids=torch.tensor([prompts[0][:Lc]], device=dev),
+                               use_cache=True)
+        one = torch.zeros(len(prompts), dtype=torch.long, device=dev)
+        cache = DynamicCache([(k[one], v[one]) for k, v, *_ in pre.past_key_values])
+    rest = [p[Lc:] for p in prompts]
+    ids, smask = (t.to(dev) for t in left_pad(rest, max(len(p) for p in rest)))
+    mask = torch.cat([smask.new_ones(len(prompts), Lc), smask], 1)  # (g, Lc + Ls)
+    pos = (mask.cumsum(1) - 1).clamp_min(0)[:, Lc:]  # positions that skip the padding
+    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                           past_key_values=cache, use_cache=True)
+    kv = [(k, v) for k, v, *_ in out.past_key_values]
+    return kv, mask, out.last_hidden_state[:, -1:]
 
 
 def length_runs(lengths, ratio=1.5):

@@ -272,9 +272,11 @@ def test_shared_prompt_pass_equals_the_unshared_one_tiny():
     bank = tinylora.apply_tinylora(m, params=5)
     with torch.no_grad():
         bank.v.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
-    ((shared, gs), (plain, gp)), mask = shared_vs_plain(m, bank, grouped_sequences(), 4)
-    assert (shared - plain)[mask].abs().max() <= 1e-5
-    assert torch.allclose(gs, gp, rtol=1e-5, atol=1e-8) and gp.abs().max() > 0
+    for prefix in ([], [5, 6, 7, 8, 9]):  # none shared by all prompts, or one (a few-shot prefix)
+        seqs = [(prefix + p, c) for p, c in grouped_sequences()]
+        ((shared, gs), (plain, gp)), mask = shared_vs_plain(m, bank, seqs, 4)
+        assert (shared - plain)[mask].abs().max() <= 1e-5
+        assert torch.allclose(gs, gp, rtol=1e-5, atol=1e-8) and gp.abs().max() > 0
     with pytest.raises(ValueError, match="share a prompt"):
         tg.token_logprobs(m, grouped_sequences(G=4)[1:5], 1.0, G=4)
 
