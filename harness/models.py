@@ -9,6 +9,8 @@ Chosen where the paper is silent:
  2. A GGUF model is exported once as an HF folder (W0, the adapter taken off for the moment) for
  vLLM.
 """
+import contextlib
+import functools
 import logging
 import os
 import warnings
@@ -48,8 +50,9 @@ def load_model(spec, dtype=torch.float32, device="cpu"):
     kw = dict(gguf_file=gguf) if gguf else {}
     quiet_loading()
     try:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device)
+        with gguf_parsed_once() if gguf else contextlib.nullcontext():
+            tok = AutoTokenizer.from_pretrained(path, **kw)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device)
     except OSError as e:  # missing folder, unknown hub id, no network: one line, not a traceback
         raise ValueError(f"cannot load model {spec!r}: {first_line(e)}") from None
     if gguf:  # the GGUF quantizer marks the model unserializable; the weights are plain floats now
@@ -60,12 +63,27 @@ def load_model(spec, dtype=torch.float32, device="cpu"):
     return model.eval(), tok
 
 
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """transformers 5.19 reads a .gguf file's metadata three times (tokenizer, config, weights: each
+    a gguf.GGUFReader, ~4 s for SmolLM2's 49k-token vocabulary) and rebuilds gguf's tensor-name map
+    for every module it visits (~6 s): inside this block each is built once. Both are looked up on
+    the gguf module when transformers calls them (modeling_gguf_pytorch_utils), and both are pure:
+    the reader is a read-only memory map of the file."""
+    import gguf
+    saved = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=1)(gguf.GGUFReader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = saved
+
+
 def quiet_loading():
     """transformers' loading and saving bars off (its own switch), and the GGUF dequantisation bar,
     which ignores that switch (transformers 5.19: modeling_gguf_pytorch_utils calls tqdm.auto
     directly, so its module-level name is replaced by a disabled one)."""
-    import functools
-
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -141,7 +159,7 @@ def vllm_env():
         print("note: VLLM_ENABLE_V1_MULTIPROCESSING set to 0 (the push needs an in-process engine)")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB: 46k tokens, 200 prompts at once
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # KV-cache size, preemption: seen
 
 
