@@ -18,10 +18,11 @@ Chosen where the paper is silent (defaults: the first author's verl GSM8K recipe
  3. Data order: a permutation per epoch from (seed, epoch); each completion is sampled from (seed,
     step, its place in the batch). A checkpoint needs only v, the Adam moments and the step.
  4. lr 2e-3: the author's code scales ΔW by lora_alpha/r = 16 and uses R/√u, so his swept 1e-5 …
-    2e-4 are 1.6e-4 … 3.2e-3 here; an informed guess, not re-swept on a GPU (the CPU demo's 1e-2 is
-    the CPU sweep's choice on its validation split).
- 5. The loss pass runs each prompt once per group and its G completions on its KV cache: the same
-    log-probs and gradient (tested) for a fraction of the work (--no-shared-prompt to compare).
+    2e-4 are 1.6e-4 … 3.2e-3 here; an informed guess, not re-swept on a GPU (the CPU demo's 3e-2 is
+    the CPU search's choice on its validation split).
+ 5. The loss pass runs each prompt once per group (the prefix all prompts share once) and its G
+    completions on its KV cache, in runs of similar length: the same log-probs and gradient (tested)
+    for a fraction of the work (--no-shared-prompt to compare).
 """
 import functools
 import os
@@ -37,6 +38,8 @@ import eval as evaluation
 import task
 import tinylora
 from harness import checkpoint, dist, flags, memory, metrics
+from harness.batches import (completion_mask, left_pad, length_runs, micro_batches,
+                             padded_logprobs)
 from harness.setup import setup
 
 
@@ -137,30 +140,7 @@ def grpo_loss(logp, old_lp, sampler_lp, A, w, mask, eps_low, eps_high, tis_cap):
     return loss, clip_low, clip_high
 
 
-# ---- Log-probs through the adapter: padding, masks, the chunked lm-head, micro-batches ----------
-def completion_mask(lengths, C):
-    """(N, C) float: 1 on each completion's tokens, 0 on the right padding."""
-    return (torch.arange(C)[None, :] < torch.as_tensor(lengths)[:, None]).float()
-
-
-def padded_logprobs(comps):
-    """The sampler's log-probs as a right-padded tensor (N, C), C = the longest completion."""
-    out = torch.zeros(len(comps), max(len(c["ids"]) for c in comps))
-    for i, c in enumerate(comps):
-        out[i, :len(c["logprobs"])] = torch.tensor(c["logprobs"])
-    return out
-
-
-def left_pad(seqs, length):
-    """ids and mask (b, length), each sequence right-aligned."""
-    ids = torch.zeros(len(seqs), length, dtype=torch.long)
-    mask = torch.zeros(len(seqs), length, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, length - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, length - len(s):] = 1
-    return ids, mask
-
-
+# ---- Log-probs through the adapter: the shared-prompt pass, the chunked lm-head ----------------
 def head_chunk(b, vocab, bound=memory.HEAD_CHUNK_BYTES):
     """Time steps per lm-head chunk: (b, chunk, vocab) fp32 logits within `bound` bytes, at least
     1."""
@@ -236,38 +216,6 @@ def prompt_pass(model, prompts, dev):
                            past_key_values=cache, use_cache=True)
     kv = [(k, v) for k, v, *_ in out.past_key_values]
     return kv, mask, out.last_hidden_state[:, -1:]
-
-
-def length_runs(lengths, ratio=1.5):
-    """Positions sorted by length, cut into runs whose longest is at most `ratio` × their shortest:
-    a run pads only to its own longest, so one cut-off sample no longer pads every other."""
-    runs = []
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if runs and lengths[i] <= ratio * max(1, lengths[runs[-1][0]]):
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
-
-
-def micro_batches(lengths, micro_batch, G=1, max_tokens=0):
-    """Split positions 0..len(lengths)-1 (G consecutive samples per group) into micro-batches of
-    whole groups: at most max(micro_batch, G) samples and, if max_tokens, about that many padded
-    tokens. Groups go longest first, so each pass pads to lengths close to its own. lengths: (Lp, C)
-    each."""
-    def longest(s):
-        return -max(sum(lengths[i]) for i in range(s, s + G))
-
-    out, cur = [], []
-    for s in sorted(range(0, len(lengths), G), key=longest):
-        nxt = cur + list(range(s, s + G))
-        Lp, C = max(lengths[i][0] for i in nxt), max(lengths[i][1] for i in nxt)
-        tokens = len(nxt) // G * Lp + len(nxt) * C if G > 1 else len(nxt) * (Lp + C)
-        if cur and (len(nxt) > micro_batch or max_tokens and tokens > max_tokens):
-            out.append(cur)
-            nxt = list(range(s, s + G))
-        cur = nxt
-    return out + [cur]
 
 
 def loss_passes(model, seqs, idx, temperature, micro_batch, G=1, max_tokens=0):

@@ -7,13 +7,14 @@ import torch
 
 import task
 from harness import checkpoint
+from harness.batches import completion_mask
 
 
 def step_metrics(r, G, comps, problems, old_lp, sampler_lp, stats, tis_cap):
     """r (N,) rewards in groups of G; old_lp, sampler_lp (N, C): the trainer's π_old and the
     sampler's."""
     n = torch.tensor([len(c["ids"]) for c in comps])
-    mask = torch.arange(sampler_lp.shape[1])[None, :] < n[:, None]  # (N, C)
+    mask = completion_mask(n, sampler_lp.shape[1]).bool()  # (N, C)
     gap, isw = (old_lp - sampler_lp)[mask], torch.exp(old_lp - sampler_lp)[mask]
     tokens = mask.sum().item()
 

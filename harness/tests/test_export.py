@@ -170,3 +170,18 @@ def test_trl_step_times_are_read_from_either_output():
     assert bench.trl_median('{"step_s": [3.0, 1.0]}') == 2.0
     with pytest.raises(ValueError, match="no step times"):
         bench.trl_median("Traceback (most recent call last):")
+
+
+@pytest.mark.slow
+def test_gguf_parsed_once_loads_the_same_model_and_tokenizer(smol, monkeypatch):
+    """The cached GGUF reader and name map (harness.models.gguf_parsed_once) change nothing: the
+    same weights, config, vocabulary and chat template as transformers' own three parses."""
+    import contextlib
+    monkeypatch.setattr(models, "gguf_parsed_once", contextlib.nullcontext)
+    plain, plain_tok = models.load_model(SMOL_GGUF)
+    (model, tok), a, b = smol, smol[0].state_dict(), plain.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert model.config.to_dict() == plain.config.to_dict()
+    assert tok.get_vocab() == plain_tok.get_vocab() and tok.chat_template == plain_tok.chat_template
+    import gguf
+    assert not hasattr(gguf.GGUFReader, "cache_info")  # the patch ends with the load
