@@ -3,7 +3,8 @@ GSM8K evaluation: one model, prompt, greedy decoding and extractor set, with and
 
     python eval.py --adapter runs/gsm8k/adapter.safetensors --compare        # Qwen2.5-7B-Instruct
     python eval.py --model ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --data arith --adapter runs/cpu-demo/adapter.safetensors --compare --max-new-tokens 32
+        --data arith --shots 1 --adapter runs/cpu-demo/adapter.safetensors --compare \\
+        --max-new-tokens 32           # the CPU demo's prompt; --data arith-transfer: transfer
 
 Protocol (printed with every report): greedy, the chat template and prompt of task.py (the module
 train_grpo.py uses), the full test split unless --limit. Three scores per reply: paper = verl's
