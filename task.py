@@ -202,9 +202,12 @@ def load_task(data, split, shots=None, val=0):
     K = DEFAULT_SHOTS.get(data, 0) if shots is None else shots
     if K < 0 or val < 0:
         raise ValueError(f"--shots and --val must be >= 0, got {K} and {val}")
-    load = arith_rows if data == "arith" else lambda s: load_gsm8k(data, s)
-    if data == "arith-transfer":  # arith's training problems (shots, validation), another test
-        load = lambda s: transfer_rows() if s == "test" else arith_rows(s)  # noqa: E731
+
+    def load(split):  # arith-transfer: arith's training problems (shots, validation), another test
+        if data == "arith-transfer" and split == "test":
+            return transfer_rows()
+        return arith_rows(split) if data in ("arith", "arith-transfer") else load_gsm8k(data, split)
+
     if split == "test" and K == 0:
         return load("test"), []
     train = load("train")  # a single .jsonl file is every split; a folder keeps them apart

@@ -363,17 +363,18 @@ def main(argv=None, loaded=None):
 
 def finish(args, generator, tok, bank, total_steps):
     """The held-out check, the adapter (also after resuming a finished run) and the reward plot."""
-    log, adapter = (os.path.join(args.out, f) for f in ("log.jsonl", "adapter.safetensors"))
+    log, adapter, plot = (os.path.join(args.out, f)
+                          for f in ("log.jsonl", "adapter.safetensors", "reward.png"))
     if args.eval_n:
         checkpoint.append_jsonl(log, evaluation.heldout(generator, tok, args, total_steps))
     if dist.rank_world()[0] == 0:
         tinylora.save_adapter(bank, adapter, base_model=args.model)
-        metrics.plot_rewards(log, os.path.join(args.out, "reward.png"))
+        metrics.plot_rewards(log, plot)
         evals = [r for r in checkpoint.read_jsonl(log) if r["kind"] == "eval"]
         if len(evals) > 1:
             print(evaluation.before_after(evals[0], evals[-1]))
         print(f"done: adapter {adapter} ({bank.num_params()} parameters), log {log}, "
-              f"reward plot {os.path.join(args.out, 'reward.png')}")
+              f"reward plot {plot}")
     dist.barrier()
     return bank
 

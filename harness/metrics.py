@@ -2,7 +2,6 @@
 The per-step log row of a GRPO run (reward, answers, lengths, the trainer-vs-sampler gap, TIS and
 clip statistics) and the reward plot (skipped in one line without matplotlib).
 """
-
 import torch
 
 import task
@@ -43,7 +42,8 @@ def sample_text(step, reward, problem, comp):
 def running_mean(xs, k):
     """Mean of the last k values at each point (fewer at the start): one step's reward depends
     mostly on which prompts it drew."""
-    return [sum(xs[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(xs))]
+    windows = [xs[max(0, i - k + 1):i + 1] for i in range(len(xs))]
+    return [sum(w) / len(w) for w in windows]
 
 
 def plot_rewards(log_path, out):
