@@ -1,48 +1,35 @@
 """
-The task: GSM8K (or small arithmetic) problems, the prompt, the answer extractors and the rewards.
-
-Shared by train_grpo.py and eval.py, so training and evaluation never disagree on what is right.
-Rows are {question, gold, answer, solution}. Tests: harness/tests/test_task.py.
-
-Chosen where the paper is silent:
+The task: GSM8K problems, the prompt, the answer extractors and the two rewards, and the schedules
+(each step's batch and learning rate), shared by train_grpo.py and eval.py so that training and
+evaluation never disagree. Rows are {question, gold, answer, solution}. Where the paper is silent:
  1. Two rewards (--reward). paper: verl's GSM8K rule, which the paper trained and scored with (the
     last "#### N" in the reply's last 300 characters, commas dropped, string-equal to the gold;
     cut-off replies count). strict: the reply ended on its own (EOS) *and* its last "####" number
     equals the gold numerically (a prototype paid for cut-off replies learned never to stop).
- 2. Local .jsonl files are read line by line with the json module (not `datasets`), so a bad file
-    is reported with its line number, never as a traceback; hub ids go through `datasets`.
- 3. --data arith: a ± b with a, b in 1..20, because SmolLM2-135M scores 0.5% strict on GSM8K: too
-    sparse a reward for RL on a CPU. 200 fixed problems are held out. --data arith-transfer
-    tests on 200 others (operands 21..60, other wordings) with arith's shots.
- 4. The prompt, by one rule: the plain few-shot chat a user would write (lm-eval-harness's few-shot
-    as multi-turn): the train split's first K solved problems (in the target format "... #### N") as
-    earlier turns, then the question, each with the paper's suffix. K = 2 for arith, 0 (the paper's
-    prompt) for GSM8K; --shots K to change.
- 5. A validation split (--val N) is the last N training problems, so learning rates are never
+ 2. The prompt: the plain few-shot chat a user would write (lm-eval-harness's few-shot as
+    multi-turn): the train split's first K solved problems as earlier turns, then the question,
+    each with the paper's suffix; K = 0, the paper's prompt, for GSM8K (--shots).
+ 3. A validation split (--val N) is the last N training problems, so learning rates are never
     chosen on the held-out split; shots and validation problems are never trained on.
+ 4. --data arith | arith-transfer: the CPU demo's small arithmetic (harness/data.py), because
+    SmolLM2-135M scores 0.5% strict on GSM8K: too sparse a reward for RL on a CPU.
 """
-import json
 import math
 import os
 import random
 import re
 
 SUFFIX = ' Let\'s think step by step and output the final answer after "####".'
-DEFAULT_SHOTS = {"arith": 2, "arith-transfer": 2}  # any other dataset: 0, the paper's prompt
+REWARDS = ("paper", "strict")
 
-# -----------------------------------------------------------------------------
-# Extractors and reward: pure functions that never raise on any string
-
+# ---- Extractors and rewards: pure functions that never raise on any string -------------------
 NUM = r"-?[\d,]*\.?\d+"
-STRICT_RE = re.compile(r"####\s*\$?\s*(" + NUM + ")")
-NUM_RE = re.compile(NUM)
-
+STRICT_RE, NUM_RE = re.compile(r"####\s*\$?\s*(" + NUM + ")"), re.compile(NUM)
+PAPER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")  # verl/utils/reward_score/gsm8k.py
 
 def parse_number(s):
     """'1,234' -> 1234.0, '$5' -> 5.0, '-3.50' -> -3.5; None if s holds no finite number."""
-    if s is None:
-        return None
-    m = NUM_RE.search(s.replace("$", ""))
+    m = NUM_RE.search(s.replace("$", "")) if s is not None else None
     if m is None:
         return None
     try:
@@ -51,33 +38,24 @@ def parse_number(s):
         return None
     return x if math.isfinite(x) else None
 
-
 def extract_strict(text):
     """The number after the last '####' (the training reward's format), or None."""
     hits = STRICT_RE.findall(text)
     return parse_number(hits[-1]) if hits else None
-
 
 def extract_flexible(text):
     """The last number anywhere in the text, or None."""
     hits = NUM_RE.findall(text.replace("$", ""))
     return parse_number(hits[-1]) if hits else None
 
-
 def same_number(a, b):
     return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6)
 
-
-PAPER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
-REWARDS = ("paper", "strict")
-
-
 def paper_answer(text):
-    """verl's GSM8K extraction (verl/utils/reward_score/gsm8k.py, as in the author's fork): the last
-    '#### N' (one space, no '$') in the text's last 300 characters, N's commas removed, a string."""
+    """verl's GSM8K extraction (as in the author's fork): the last '#### N' (one space, no '$') in
+    the text's last 300 characters, N's commas removed, a string."""
     hits = PAPER_RE.findall(text[-300:])
     return hits[-1].replace(",", "").replace("$", "") if hits else None
-
 
 def reward(text, problem, finished, rule):
     """1.0 or 0.0 for a reply to `problem` (a task row). paper: paper_answer(text) equals its answer
@@ -87,7 +65,6 @@ def reward(text, problem, finished, rule):
     if rule == "strict":
         return float(bool(finished) and same_number(extract_strict(text), problem["gold"]))
     raise ValueError(f"unknown reward {rule!r} (use {' or '.join(REWARDS)})")
-
 
 def score(reply, problem, finished, n_tokens):
     """One problem's verdicts: paper and strict (the two rewards), hash_right (the last '####'
@@ -101,39 +78,11 @@ def score(reply, problem, finished, n_tokens):
                 unparseable=extract_flexible(reply) is None,
                 finished=bool(finished), n_tokens=n_tokens)
 
-
-# -----------------------------------------------------------------------------
-# Data: GSM8K from the hub, a .jsonl file or a folder; or the arithmetic task
-
-
-def read_jsonl(path):
-    """[(line number, object)] of a JSONL file; blank lines skipped; any defect: one ValueError."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    out = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append((i, json.loads(line)))
-            except (ValueError, RecursionError) as e:
-                raise ValueError(f"{path} line {i}: not valid JSON ({str(e)[:80]})") from None
-    if not out:
-        raise ValueError(f"{path}: no rows")
-    return out
-
-
+# ---- Data: GSM8K from the hub, a .jsonl file or a folder -------------------------------------
 def gsm8k_row(ex, where):
     """{question, gold, answer, solution} from a GSM8K record {question, answer: '... #### N'}; a
-    clear error otherwise. gold: N as a number; answer: N as verl's ground truth (the string, commas
-    removed); solution: the record's answer without its <<calculator>> annotations (the SFT target,
-    a shot's text)."""
+    clear error otherwise. gold: N as a number; answer: N as verl's ground truth (the string,
+    commas removed); solution: the answer without its <<calculator>> notes (the SFT target)."""
     q = ex.get("question") if isinstance(ex, dict) else None
     a = ex.get("answer") if isinstance(ex, dict) else None
     gold = extract_strict(a) if isinstance(a, str) else None
@@ -142,7 +91,6 @@ def gsm8k_row(ex, where):
                          f"got {str(ex)[:120]}")
     answer = paper_answer(a) or STRICT_RE.findall(a)[-1].replace(",", "")
     return dict(question=q, gold=gold, answer=answer, solution=re.sub(r"<<[^>]*>>", "", a).strip())
-
 
 def load_gsm8k(spec, split):
     """`openai/gsm8k` through datasets (hub), a .jsonl file, or a folder holding {split}.jsonl."""
@@ -153,6 +101,7 @@ def load_gsm8k(spec, split):
     if spec.endswith(".jsonl"):
         if not os.path.isfile(spec):
             raise ValueError(f"data file not found: {spec}")
+        from harness.data import read_jsonl  # one line-numbered ValueError per defect
         return [gsm8k_row(ex, f"{spec} line {i}") for i, ex in read_jsonl(spec)]
     import datasets
     try:
@@ -162,52 +111,17 @@ def load_gsm8k(spec, split):
         raise ValueError(f"cannot load dataset {spec!r}: {first}") from None
     return [gsm8k_row(ex, f"{spec} [{split}] row {i}") for i, ex in enumerate(ds)]
 
-
-def arith_rows(split, seed=0):
-    """All 800 problems a ± b with a, b in 1..20; a fixed 200 are held out ('test'), 600 train."""
-    probs = [(a, op, b) for a in range(1, 21) for b in range(1, 21) for op in "+-"]
-    random.Random(seed).shuffle(probs)
-    part = probs[:200] if split == "test" else probs[200:]
-    rows = []
-    for a, op, b in part:
-        c = a + b if op == "+" else a - b
-        rows.append(dict(question=f"What is {a} {op} {b}?", gold=float(c), answer=str(c),
-                         solution=f"{a} {op} {b} = {c}.\n#### {c}"))
-    return rows
-
-
-TRANSFER = {"+": ("What is the sum of {a} and {b}?", "Add {a} and {b}.", "Compute {a} plus {b}.",
-                   "{a} + {b} = ?"),
-            "-": ("What is {a} minus {b}?", "Subtract {b} from {a}.", "Compute {a} take away {b}.",
-                  "{a} - {b} = ?")}
-
-
-def transfer_rows(n=200, seed=0):
-    """n problems unlike arith's in phrasing and range, to test transfer: a ± b with a, b in 21..60
-    (two-digit operands; arith's are 1..20), each in one of four other wordings per operation."""
-    rng, rows = random.Random(seed), []
-    for _ in range(n):
-        a, b, op = rng.randint(21, 60), rng.randint(21, 60), rng.choice("+-")
-        c = a + b if op == "+" else a - b
-        rows.append(dict(question=rng.choice(TRANSFER[op]).format(a=a, b=b), gold=float(c),
-                         answer=str(c), solution=f"{a} {op} {b} = {c}.\n#### {c}"))
-    return rows
-
-
 def load_task(data, split, shots=None, val=0):
-    """(rows, shots) for --data arith | arith-transfer | openai/gsm8k | file.jsonl | folder; split
-    train | val | test. shots: [(question, solution)] × K, the train split's first K (None:
-    DEFAULT_SHOTS); val: how many of the last training problems form the validation split. 'train'
-    excludes both shots and validation."""
-    K = DEFAULT_SHOTS.get(data, 0) if shots is None else shots
+    """(rows, shots) for --data; split: train | val | test. shots: [(question, solution)] × K, the
+    train split's first K (None: arith 2, else 0); val: how many of the last training problems form
+    the validation split. 'train' excludes both shots and validation."""
+    from harness.data import ARITH
+    K = (2 if data in ARITH else 0) if shots is None else shots
     if K < 0 or val < 0:
         raise ValueError(f"--shots and --val must be >= 0, got {K} and {val}")
-
-    def load(split):  # arith-transfer: arith's training problems (shots, validation), another test
-        if data == "arith-transfer" and split == "test":
-            return transfer_rows()
-        return arith_rows(split) if data in ("arith", "arith-transfer") else load_gsm8k(data, split)
-
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r} (train, val or test)")
+    load = ARITH.get(data, lambda s: load_gsm8k(data, s))
     if split == "test" and K == 0:
         return load("test"), []
     train = load("train")  # a single .jsonl file is every split; a folder keeps them apart
@@ -217,15 +131,9 @@ def load_task(data, split, shots=None, val=0):
     examples = [(r["question"], r["solution"]) for r in train[:K]]
     if split == "test":
         return load("test"), examples
-    if split not in ("train", "val"):
-        raise ValueError(f"unknown split {split!r} (train, val or test)")
     return (train[K:len(train) - val] if split == "train" else train[len(train) - val:]), examples
 
-
-# -----------------------------------------------------------------------------
-# Prompt
-
-
+# ---- The prompt ------------------------------------------------------------------------------
 def build_prompt(tok, question, shots=()):
     """The model's chat template: each shot a user turn (its question + the suffix) answered by its
     solution, then the question + the paper's suffix (lm-eval-harness's few-shot-as-multiturn)."""
@@ -234,7 +142,6 @@ def build_prompt(tok, question, shots=()):
         msgs += [dict(role="user", content=q + SUFFIX), dict(role="assistant", content=a)]
     msgs.append(dict(role="user", content=question + SUFFIX))
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-
 
 def prompt_ids(tok, rows, shots, max_prompt):
     """[(row, token ids)] of each row's prompt; those over max_prompt tokens are dropped (verl)."""
@@ -245,25 +152,18 @@ def prompt_ids(tok, rows, shots, max_prompt):
             out.append((row, ids))
     return out
 
-
-# -----------------------------------------------------------------------------
-# Schedules: any step's batch and learning rate follow from (seed, step), so --resume is exact
-
-
+# ---- Schedules: any step's batch and learning rate follow from (seed, step): --resume is exact
 def seed_for(seed, k):
     """A seed for (run seed, epoch or step): 1000003 is a prime above any step count, so pairs
     never collide."""
     return seed * 1000003 + k
 
-
 def batch_at(items, step, B, seed):
-    """The step's B items: a permutation per epoch from (seed, epoch): any step can be
-    recomputed."""
+    """The step's B items: a permutation per epoch from (seed, epoch), so any step is recomputed."""
     epoch, k = divmod(step, len(items) // B)
     perm = list(range(len(items)))
     random.Random(seed_for(seed, epoch)).shuffle(perm)
     return [items[i] for i in perm[k * B:(k + 1) * B]]
-
 
 def lr_at(step, total, lr, warmup_frac):
     """Linear warm-up over the first warmup_frac of optimizer steps, then constant (verl)."""

@@ -36,8 +36,8 @@ import torch
 import rollout
 import task
 import tinylora
-import train_grpo as tg
-from harness import checkpoint, export, flags
+from harness import export, run, scale
+from harness.data import arith_rows
 from harness.models import load_model
 
 SIZES = {  # (architecture, config kwargs): the real shapes, from the published configs
@@ -130,7 +130,7 @@ def apply_peft(model):
 
 
 def get_args(argv=None):
-    ap = flags.new_parser("TinyLoRA vs PEFT, side by side")
+    ap = run.new_parser("TinyLoRA vs PEFT, side by side")
     ap.add_argument("--size", default="smollm2", choices=sorted(SIZES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
@@ -262,16 +262,14 @@ def sync_bench(spec, prompts=8, n=8, max_new=40, reps=3):
     bank = tinylora.apply_tinylora(model, params=13)
     with torch.no_grad():
         bank.v.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
-    ids = [p for _, p in task.prompt_ids(tok, task.arith_rows("test")[:prompts],
+    ids = [p for _, p in task.prompt_ids(tok, arith_rows("test")[:prompts],
                                          task.load_task("arith", "test")[1], 512)]
     res = dict(model=spec, prompts=prompts, n=n, max_new=max_new,
                kept_bf16=export.delta_kept(bank, torch.bfloat16))
     with tempfile.TemporaryDirectory() as d:
         for sync in ("merged", "lora"):
             generator = rollout.make_generator("vllm", model, tok, bank, spec,
-                                               os.path.join(d, sync),
-                                         torch.float32,
-                                        1024, 0, 0.4, sync)
+                                               os.path.join(d, sync), 1024, 0, sync=sync)
             res[f"{sync}_push_s"] = timed(lambda: generator.push(bank), "cpu", reps, 1)
             res[f"{sync}_rollout_s"] = timed(lambda: generator.generate(ids, n, max_new, 1.0, 0),
                                              "cpu",
@@ -299,12 +297,11 @@ def merge_gap_bench(spec, prompts=8, n=8, max_new=40):
             # on the bf16 grid, kept in fp32: the engine and the trainer agree at v = 0
             p.copy_(p.to(torch.bfloat16))
     bank = tinylora.apply_tinylora(model, params=13)
-    ids = [p for _, p in task.prompt_ids(tok, task.arith_rows("test")[:prompts],
+    ids = [p for _, p in task.prompt_ids(tok, arith_rows("test")[:prompts],
                                          task.load_task("arith", "test")[1], 512)]
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        generator = rollout.make_generator("vllm", model, tok, bank, spec, d, torch.float32, 1024,
-                                           0, 0.4)
+        generator = rollout.make_generator("vllm", model, tok, bank, spec, d, 1024, 0)
         for s in (1e-3, 1e-2, 1e-1):
             with torch.no_grad():
                 g = torch.Generator().manual_seed(0)
@@ -315,14 +312,14 @@ def merge_gap_bench(spec, prompts=8, n=8, max_new=40):
                 comps = generator.generate(ids, n, max_new, 1.0, 0)
                 seqs = [(ids[i // n], c["ids"]) for i, c in enumerate(comps)]
                 lengths = [len(c) for _, c in seqs]
-                mask = tg.completion_mask(lengths, max(lengths)).bool()
+                mask = scale.completion_mask(lengths, max(lengths)).bool()
                 with torch.no_grad():
-                    lp = tg.token_logprobs(model, seqs, 1.0)
+                    lp = scale.token_logprobs(model, seqs, 1.0)
                     v = bank.v.clone()
                     bank.v.zero_()
-                    lp0 = tg.token_logprobs(model, seqs, 1.0)
+                    lp0 = scale.token_logprobs(model, seqs, 1.0)
                     bank.v.copy_(v)
-                gap = (lp - tg.padded_logprobs(comps))[mask].abs().mean().item()
+                gap = (lp - run.sampler_logprobs(comps))[mask].abs().mean().item()
                 row[f"gap_{str(push)[6:]}"] = gap
                 row["policy_move"] = (lp - lp0)[mask].abs().mean().item()
             rows.append(row)
@@ -377,7 +374,7 @@ def trl_step(spec, steps):
     print(json.dumps(dict(step_s=times)))
 
 
-ANCHOR = os.path.join(flags.ROOT, "..", "shared", "anchors", "trl_cpu_step.py")
+ANCHOR = os.path.join(run.ROOT, "..", "shared", "anchors", "trl_cpu_step.py")
 
 
 def run_trl(spec, steps, env):
@@ -387,11 +384,11 @@ def run_trl(spec, steps, env):
     with tempfile.TemporaryDirectory() as shim:
         with open(os.path.join(shim, "engine.py"), "w") as f:
             f.write("from harness.models import load_model  # noqa: F401\n")
-        path = os.pathsep.join([shim, flags.ROOT, env.get("PYTHONPATH", "")])
+        path = os.pathsep.join([shim, run.ROOT, env.get("PYTHONPATH", "")])
         cmd = ([ANCHOR, spec, str(steps)] if os.path.isfile(ANCHOR) else
                ["-m", "harness.bench", "--trl-step", spec, str(steps)])
         p = subprocess.run([sys.executable, *cmd], env=dict(env, PYTHONPATH=path),
-                           capture_output=True, text=True, cwd=flags.ROOT)
+                           capture_output=True, text=True, cwd=run.ROOT)
     if p.returncode:
         raise ValueError(f"TRL failed: {p.stderr.strip().splitlines()[-1]}")
     return trl_median(p.stdout.strip().splitlines()[-1])
@@ -424,10 +421,10 @@ def grpo_step_bench(spec, steps=3):
         with tempfile.TemporaryDirectory() as d:
             p = subprocess.run([sys.executable, "train_grpo.py", "--preset", "cpu-demo", "--model",
                                 spec, "--steps", str(steps), *config, "--out", d, *extra],
-                               env=env, capture_output=True, text=True, cwd=flags.ROOT)
+                               env=env, capture_output=True, text=True, cwd=run.ROOT)
             if p.returncode:
                 raise ValueError(f"{label} failed: {p.stderr.strip().splitlines()[-1]}")
-            rows = checkpoint.read_jsonl(os.path.join(d, "log.jsonl"))
+            rows = run.read_jsonl(os.path.join(d, "log.jsonl"))
             res[label] = {k: statistics.median(r[k] for r in rows) for k in TIMES}
         print(label, res[label], flush=True)
     try:
@@ -454,7 +451,7 @@ def train_pass_bench(spec, micro_batches=(8, 16, 32)):
     pass."""
     model, tok = load_model(spec)
     tinylora.apply_tinylora(model, params=13)
-    prompts = [p for _, p in task.prompt_ids(tok, task.arith_rows("train")[:8],
+    prompts = [p for _, p in task.prompt_ids(tok, arith_rows("train")[:8],
                                              task.load_task("arith", "test")[1], 512)]
     g = torch.Generator().manual_seed(0)
     seqs = [(p, torch.randint(100, 40000, (20,), generator=g).tolist())
@@ -464,7 +461,7 @@ def train_pass_bench(spec, micro_batches=(8, 16, 32)):
         t_fwd = t_bwd = 0.0
         for s in range(0, len(seqs), mb):
             t = time.perf_counter()
-            lp = tg.token_logprobs(model, seqs[s:s + mb], 1.0, G=G)
+            lp = scale.token_logprobs(model, seqs[s:s + mb], 1.0, G=G)
             t_fwd, t = t_fwd + time.perf_counter() - t, time.perf_counter()
             lp.sum().backward()
             t_bwd += time.perf_counter() - t
@@ -515,4 +512,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    flags.run_cli(main)
+    run.run_cli(main)

@@ -18,7 +18,7 @@ import sys
 import torch
 
 import tinylora
-from harness import flags
+from harness import run
 from harness.models import load_model, meta_model
 
 
@@ -54,15 +54,25 @@ def write_merged(model, tok, bank, out, dtype):
     return out
 
 
+@torch.no_grad()
+def lora_AB(bank, name):
+    """ΔW of one module as an exact rank-r LoRA, ΔW = B A: A = Vᵀ (r, in), B = U Σ R (out, r)."""
+    L = bank.layers[name]
+    return L.V.T.contiguous(), ((L.U * L.S) @ tinylora.R(bank.v[L.group], L.P)).contiguous()
+
+
 def write_lora(bank, out, base_model=None):
-    """ΔW as a standard PEFT LoRA folder (PEFT and vLLM read it); fp32 tensors."""
+    """ΔW as a standard PEFT LoRA folder (PEFT and vLLM read it); fp32 tensors, written whole."""
+    from safetensors.torch import save_file
     os.makedirs(out, exist_ok=True)
     tensors = {}
     for name in bank.layers:
-        A, B = bank.lora_AB(name)
+        A, B = lora_AB(bank, name)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.cpu()
-    tinylora.save_safetensors(tensors, os.path.join(out, "adapter_model.safetensors"))
+    path = os.path.join(out, "adapter_model.safetensors")
+    save_file(tensors, f"{path}.tmp{os.getpid()}")
+    os.replace(f"{path}.tmp{os.getpid()}", path)
     r = bank.config["r"]
     cfg = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=r,
                base_model_name_or_path=base_model or bank.config.get("base_model"),
@@ -87,18 +97,17 @@ def delta_kept(bank, dtype, every=1):
 
 def plan_main(argv):
     """The plan and its cost, from the model's config alone."""
-    ap = flags.new_parser("The TinyLoRA plan for a model (no weights read)")
+    from train_grpo import adapter_flags, model_flags
+    ap = run.new_parser("The TinyLoRA plan for a model (no weights read)")
     ap.prog = "python -m harness.export plan"
-    flags.add_model(ap, runtime=False)
-    flags.add_adapter(ap, factors=False)
+    model_flags(ap, runtime=False)
+    adapter_flags(ap, factors=False)
     ap.add_argument("--map", action="store_true", help="also print the module -> group map")
     args = ap.parse_args(argv)
     targets = args.targets.split(",")
     found = tinylora.find_targets(meta_model(args.model), tuple(targets))
-    plan = flags.adapter_plan(args)
-    u, groups = tinylora.make_plan([f[0] for f in found], [f[2] for f in found], args.r,
-                                   plan.get("params"), plan.get("u"), plan.get("n_tie"), args.tie,
-                                   args.lora_xs)
+    u, groups = tinylora.plan_groups([name for name, _ in found], args.r, tie=args.tie,
+                                     lora_xs=args.lora_xs, **run.plan_kwargs(args))
     text = plan_text(len(found), targets, args.r, u, groups, args.tie, args.lora_xs)
     print(f"{args.model}: {text}")
     if args.map:
@@ -108,7 +117,7 @@ def plan_main(argv):
 
 def export_main(cmd, argv):
     """merge | export-lora --model M --adapter A --out DIR."""
-    ap = flags.new_parser("A merged HF model folder (W0 + ΔW)" if cmd == "merge" else
+    ap = run.new_parser("A merged HF model folder (W0 + ΔW)" if cmd == "merge" else
                           "The adapter as a standard LoRA folder (exact: B A = ΔW)")
     ap.prog = f"python -m harness.export {cmd}"
     ap.add_argument("--model", required=True, help="the base: hub id, local folder or .gguf file")
@@ -142,4 +151,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    flags.run_cli(main)
+    run.run_cli(main)

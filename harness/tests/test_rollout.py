@@ -1,24 +1,72 @@
-"""Tests of rollout.py: EOS cutting, the sampler's log-probs, the vLLM weight push (merged and
-LoRA) against the trainer's log-probs. CPU only, no network; the vLLM tests are marked slow."""
+"""Specifications of rollout.py: completions cut at the EOS, seeded Gumbel sampling, the weights
+pushed to the generator (W0 + ΔW), and vLLM's log-probs against the trainer's after a push (slow).
+CPU only, no network."""
 import weakref
 
 import pytest
 import torch
 
+import rollout
 import task
 import tinylora
 import train_grpo as tg
-import rollout
-from harness import flags
-from harness.tests.fixtures import vllm_or_skip
-
-HERE = flags.ROOT
+from harness import engine, scale
+from harness.run import sampler_logprobs
+from harness.tests.fixtures import tiny_model, vllm_or_skip
 
 
-def test_cut_at_eos_drops_everything_after_the_first_eos():
-    cut = rollout.cut_at_eos([4, 5, 2, 7, 2], [.1, .2, .3, .4, .5], {2})
-    assert cut == ([4, 5, 2], [.1, .2, .3], True)
-    assert rollout.cut_at_eos([4, 5], [.1, .2], {2}) == ([4, 5], [.1, .2], False)
+class Tok:  # decodes ids as text, for completion()
+    @staticmethod
+    def decode(ids, skip_special_tokens=True):  # noqa: ARG004
+        return " ".join(map(str, ids))
+
+
+def test_a_completion_ends_at_its_first_eos():
+    c = rollout.completion(Tok, [4, 5, 2, 7, 2], [.1, .2, .3, .4, .5], {2})
+    assert (c["ids"], c["logprobs"], c["finished"], c["text"]) == ([4, 5, 2], [.1, .2, .3], True,
+                                                                   "4 5 2")
+    c = rollout.completion(Tok, [4, 5], [.1, .2], {2})
+    assert (c["ids"], c["finished"]) == ([4, 5], False)
+    assert rollout.completion(Tok, [4, 5], [.1, .2], {2}, finished=True)["finished"]
+
+
+def test_seeded_gumbel_sampling_draws_from_the_softmax_and_ignores_the_batch():
+    logits = torch.tensor([[1.0, 0.0, -1.0, 2.0]]).repeat(4000, 1)  # (4000, 4)
+    rec = rollout.SamplerLogprobs(0.7, seeds=list(range(4000)))
+    picks = rec(torch.zeros(4000, 1, dtype=torch.long), logits).argmax(1)
+    freq = torch.bincount(picks, minlength=4).float() / 4000
+    p = (logits[0] / 0.7).softmax(0)
+    assert (freq - p).abs().max() < 4 * (p * (1 - p) / 4000).sqrt().max()  # 4 sigma
+    assert torch.allclose(rec.prev[0], p.log())  # the recorded log π is the unperturbed one
+    alone = rollout.SamplerLogprobs(0.7, seeds=[17])(torch.zeros(1, 1, dtype=torch.long),
+                                                      logits[:1]).argmax(1)
+    assert alone.item() == picks[17].item()  # row 17's draw does not depend on the other rows
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_push_streams_W0_plus_delta_W_with_every_fused_sibling_and_bias(arch):
+    """What vLLM receives: every adapted weight is W0 + U Σ R Vᵀ (fp64 reference), every other
+    linear of an adapted module's parent is its W0, biases included; v = 0 pushes W0 exactly."""
+    m = tiny_model(arch, vocab=100, layers=2)
+    bank = tinylora.apply_tinylora(m, params=3, targets=("q_proj", "up_proj", "down_proj"))
+    with torch.no_grad():
+        bank.v.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    pushed = dict(rollout.merged_stream(m, bank))
+    attn = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"]
+    mlp = [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")]
+    biases = [f"{n}.bias" for n in attn if arch == "qwen2" and not n.endswith("o_proj")]
+    assert set(pushed) == {f"{n}.weight" for n in attn + mlp} | set(biases)  # whole fused groups
+    for name, L in bank.layers.items():
+        v, P = bank.v[L.group].detach().double(), L.P.double()
+        R = sum(v[i] * P[i] for i in range(len(v)))
+        ref = L.base.weight.double() + L.U.double() @ torch.diag(L.S.double()) @ R @ L.V.double().T
+        assert torch.allclose(pushed[f"{name}.weight"].double(), ref, atol=1e-6)
+    with torch.no_grad():
+        bank.v.zero_()
+    for name, t in rollout.merged_stream(m, bank):
+        module = m.get_submodule(name.rpartition(".")[0])
+        W0 = getattr(getattr(module, "base", module), name.rpartition(".")[2])
+        assert torch.equal(t, W0), name
 
 
 # ---- vLLM: sync and log-prob agreement -----------------------------------------------------------
@@ -26,7 +74,7 @@ def test_cut_at_eos_drops_everything_after_the_first_eos():
 @pytest.fixture(scope="module")
 def tiny_llm(tiny_folder):
     vllm_or_skip()
-    return rollout.make_vllm(tiny_folder, "float32", 512, 0)
+    return engine.make_vllm(tiny_folder, "float32", 512, 0)
 
 
 @pytest.mark.slow
@@ -50,8 +98,8 @@ def test_vllm_sync_matches_trainer_logprobs(tiny_llm, tiny_folder, smol_tok, tar
         seqs = [(prompts[i // 2], c["ids"]) for i, c in enumerate(comps)]
         with torch.no_grad():
             lp = tg.token_logprobs(m, seqs, T)  # (b, c)
-        mask = tg.completion_mask([len(c) for _, c in seqs], lp.shape[1])
-        sampler_lp = tg.padded_logprobs(comps)
+        mask = scale.completion_mask([len(c) for _, c in seqs], lp.shape[1])
+        sampler_lp = sampler_logprobs(comps)
         return ((lp - sampler_lp).abs() * mask).max().item()
 
     stale = gap()  # vLLM still has W0 (or the previous test's weights): far from the adapter
@@ -79,16 +127,14 @@ def test_vllm_sync_matches_trainer_logprobs(tiny_llm, tiny_folder, smol_tok, tar
     assert gap() < 1e-3
 
 
-
-
 @pytest.mark.slow
 def test_vllm_lora_push_matches_trainer_logprobs(tiny_folder, smol_tok, tmp_path):
     vllm_or_skip()
     from transformers import AutoModelForCausalLM
     m = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
     bank = tinylora.apply_tinylora(m, params=4)
-    generator = rollout.make_generator("vllm", m, smol_tok, bank, tiny_folder, str(tmp_path),
-                                 torch.float32, 512, 0, 0.4, "lora")
+    generator = rollout.make_generator("vllm", m, smol_tok, bank, tiny_folder, str(tmp_path), 512,
+                                       0, sync="lora")
     prompts = [task.prompt_ids(smol_tok, [r], [], 512)[0][1] for r in task.arith_rows("test")[:3]]
 
     def gap():
@@ -96,8 +142,8 @@ def test_vllm_lora_push_matches_trainer_logprobs(tiny_folder, smol_tok, tmp_path
         seqs = [(prompts[i // 2], c["ids"]) for i, c in enumerate(comps)]
         with torch.no_grad():
             lp = tg.token_logprobs(m, seqs, 1.0)
-        mask = tg.completion_mask([len(c) for _, c in seqs], lp.shape[1])
-        return ((lp - tg.padded_logprobs(comps)).abs() * mask).max().item()
+        mask = scale.completion_mask([len(c) for _, c in seqs], lp.shape[1])
+        return ((lp - sampler_logprobs(comps)).abs() * mask).max().item()
 
     generator.push(bank)  # v = 0: a zero LoRA
     assert gap() < 1e-3
@@ -106,24 +152,6 @@ def test_vllm_lora_push_matches_trainer_logprobs(tiny_folder, smol_tok, tmp_path
     stale = gap()  # vLLM still holds the zero LoRA
     generator.push(bank)
     assert gap() < 1e-3 < stale
-
-
-def test_only_vllms_noise_is_filtered():
-    import logging
-
-    from harness.models import VllmNoise
-    f = VllmNoise()
-
-    def rec(name, msg, *a):
-        return logging.LogRecord(name, logging.WARNING, "f", 1, msg, a, None)
-    push, cpu = "vllm.model_executor.model_loader.reload.layerwise", "vllm.v1.worker.cpu_worker"
-    assert not f.filter(rec(push, "Following weights were not loaded from checkpoint: %s", {"a"}))
-    assert not f.filter(rec(push, "%s: Failed to load weights", "RMSNorm"))
-    assert not f.filter(rec(cpu, "%s is not found in LD_PRELOAD. For best performance", "x"))
-    assert not f.filter(rec(cpu, "CPU backend doesn't allow to use `torch.set_num_threads` after"))
-    assert f.filter(rec(push, "Allocating %.1f MB of device memory to buffers", 3.0))
-    assert f.filter(rec(cpu, "KV cache is full"))
-    assert f.filter(rec("vllm.other", "Following weights were not loaded from checkpoint: %s"))
 
 
 def test_vllm_requests_carry_one_seed_per_prompt_when_seeds_are_given():

@@ -1,13 +1,13 @@
-"""Tests of task.py: extractors, reward, loaders (with fuzzing: no data file reaches a traceback),
-prompts. CPU only, no network. Run: pytest -q harness/tests/test_task.py"""
+"""Specifications of task.py: extractors, rewards, loaders (fuzzed: no data file reaches a
+traceback), the prompt, the schedules. CPU only, no network."""
 import json
 import os
-import re
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import task
+from harness.data import arith_rows
 from harness.tests.fixtures import GSM8K_TEST, GSM8K_TRAIN, need_shared
 
 
@@ -39,11 +39,9 @@ P18 = dict(gold=18.0, answer="18")
 
 def test_reward_needs_the_number_and_a_finished_completion():
     assert task.reward("#### 18", P18, True, "strict") == 1.0
-    # cut off at the limit: no reward (the reward hole)
-    assert task.reward("#### 18", P18, False, "strict") == 0.0
+    assert task.reward("#### 18", P18, False, "strict") == 0.0  # cut off: no reward
     assert task.reward("#### 17", P18, True, "strict") == 0.0
-    # strict: the format is part of the task
-    assert task.reward("The answer is 18", P18, True, "strict") == 0.0
+    assert task.reward("The answer is 18", P18, True, "strict") == 0.0  # the format counts
     assert task.same_number(0.1 + 0.2, 0.3) and not task.same_number(None, 3.0)
     assert not task.same_number(2.0, 3.0)
     with pytest.raises(ValueError, match="unknown reward 'exact'"):
@@ -89,9 +87,7 @@ def test_gsm8k_golds_parse_and_bad_rows_are_named(tmp_path):
     rows = task.load_gsm8k(need_shared(GSM8K_TEST), "test")
     assert len(rows) == 1319 and all(r["gold"] == int(r["gold"]) for r in rows)
     assert rows[0]["gold"] == 18.0 and rows[0]["answer"] == "18"  # Janet's ducks
-    # verl's golds
-    assert all(float(r["answer"]) == r["gold"] and "," not in r["answer"] for r in rows)
-    # a folder with {split}.jsonl
+    assert all(float(r["answer"]) == r["gold"] and "," not in r["answer"] for r in rows)  # verl's
     assert len(task.load_gsm8k(os.path.dirname(GSM8K_TRAIN), "train")) == 7473
     bad = tmp_path / "bad.jsonl"
     rows = [dict(question="q", answer="#### 3"), dict(question="q", answer="no")]
@@ -102,43 +98,16 @@ def test_gsm8k_golds_parse_and_bad_rows_are_named(tmp_path):
         task.load_gsm8k(str(tmp_path / "missing.jsonl"), "train")
 
 
-def test_arith_split_is_deterministic_and_disjoint():
-    train, test = task.arith_rows("train"), task.arith_rows("test")
-    assert len(train) == 600 and len(test) == 200
-    assert not {r["question"] for r in train} & {r["question"] for r in test}
-    assert task.arith_rows("test") == test
-    assert all(eval(r["question"][8:-1]) == r["gold"] for r in test)
-    assert all(task.extract_strict(r["solution"]) == r["gold"] for r in train + test)
-
-
-def test_transfer_set_differs_in_range_and_wording_and_keeps_arith_shots():
-    rows, shots = task.load_task("arith-transfer", "test", shots=2)
-    arith = task.arith_rows("test") + task.arith_rows("train")
-    assert len(rows) == 200 and rows == task.transfer_rows()
-    assert shots == task.load_task("arith", "test")[1]
-    assert task.load_task("arith-transfer", "train", 2, 100) == task.load_task("arith", "train", 2,
-                                                                               100)
-    for r in rows:
-        a, b = map(int, re.findall(r"\d+", r["question"]))
-        a, b = (b, a) if r["question"].startswith("Subtract") else (a, b)  # "Subtract b from a"
-        op = "+" if any(w in r["question"] for w in ("sum", "Add", "plus", "+")) else "-"
-        assert 21 <= a <= 60 and 21 <= b <= 60
-        assert r["gold"] == (a + b if op == "+" else a - b) == float(r["answer"])
-    assert not {r["question"] for r in rows} & {r["question"] for r in arith}
-    assert {q.split()[0] for q in (r["question"] for r in rows)} >= {"What", "Add", "Subtract",
-                                                                       "Compute"}
-
-
 def test_shots_and_validation_come_from_train_and_are_never_trained_on():
     train, shots = task.load_task("arith", "train", shots=3, val=50)
     val, shots2 = task.load_task("arith", "val", shots=3, val=50)
     test, shots3 = task.load_task("arith", "test", shots=3)
-    full = task.arith_rows("train")
+    full = arith_rows("train")
     assert shots == shots2 == shots3 == [(r["question"], r["solution"]) for r in full[:3]]
     assert train + val == full[3:] and len(val) == 50
     assert not {q for q, _ in shots} & {r["question"] for r in train + val + test}
-    # default K = 2
     assert task.load_task("arith", "train")[1] == [(r["question"], r["solution"]) for r in full[:2]]
+    assert task.load_task(need_shared(GSM8K_TEST), "test")[1] == []  # GSM8K: the paper's prompt
     with pytest.raises(ValueError, match="leave nothing"):
         task.load_task("arith", "train", shots=2, val=598)
     with pytest.raises(ValueError, match="unknown split"):
@@ -155,15 +124,11 @@ def test_prompt_is_the_shots_as_earlier_turns_in_one_format(smol_tok):
     p = task.build_prompt(smol_tok, "What is 2 + 2?", shots)
     assert p.count("<|im_start|>user") == 3 and p.count("<|im_start|>assistant") == 3
     assert p.count(task.SUFFIX) == 3
-    # solved, in the target format
-    assert all(a in p and task.extract_strict(a) == eval(q[8:-1]) for q, a in shots)
+    assert all(a in p and task.extract_strict(a) == eval(q[8:-1]) for q, a in shots)  # solved
     assert p.index(shots[1][1]) < p.index("What is 2 + 2?")
     assert p.endswith("<|im_start|>assistant\n")
-    zero = task.build_prompt(smol_tok, "What is 2 + 2?", [])
-    # the paper's prompt
+    zero = task.build_prompt(smol_tok, "What is 2 + 2?", [])  # the paper's prompt
     assert zero.count("<|im_start|>user") == 1 and "What is 2 + 2?" + task.SUFFIX in zero
-
-
 
 
 # ---- loaders: every bad file is one ValueError naming it, never a traceback ----------------------
@@ -172,10 +137,9 @@ def test_jsonl_loader_reports_the_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"question": "q", "answer": "#### 3"}\n\n'
                  '{"question": "q2", "answer": "x #### 4"}\n')
-    assert task.load_gsm8k(str(p), "train") == [dict(question="q", gold=3.0, answer="3",
-                                                     solution="#### 3"),
-                                                  dict(question="q2", gold=4.0, answer="4",
-                                                       solution="x #### 4")]
+    assert task.load_gsm8k(str(p), "train") == [
+        dict(question="q", gold=3.0, answer="3", solution="#### 3"),
+        dict(question="q2", gold=4.0, answer="4", solution="x #### 4")]
     for content, msg in [("", "no rows"), ('{"question": "q", "answer": "#### 1"}\n{oops\n',
                                            "line 2: not valid JSON"),
                          ('{"q": 1}\n', "line 1: needs"),
@@ -206,3 +170,19 @@ def test_no_data_file_reaches_a_traceback(tmp_path_factory, content):
     else:
         assert rows
         assert all(isinstance(r["question"], str) and isinstance(r["gold"], float) for r in rows)
+
+
+# ---- schedules: any step's batch and learning rate follow from (seed, step) ----------------------
+
+def test_each_epoch_is_a_permutation_that_depends_only_on_seed_and_step():
+    items = list(range(10))
+    epoch0 = [x for s in range(5) for x in task.batch_at(items, s, 2, 0)]
+    assert sorted(epoch0) == items and epoch0 != items  # a permutation, not the file order
+    assert task.batch_at(items, 7, 2, 0) == task.batch_at(items, 7, 2, 0)
+    assert task.batch_at(items, 7, 2, 0) != task.batch_at(items, 7, 2, 1)
+    assert sorted(x for s in range(5, 10) for x in task.batch_at(items, s, 2, 0)) == items
+
+
+def test_the_learning_rate_warms_up_linearly_then_stays_constant():
+    assert [task.lr_at(s, 100, 1.0, 0.05) for s in (0, 1, 4, 5, 50)] == [0.2, 0.4, 1.0, 1.0, 1.0]
+    assert task.lr_at(0, 10, 1.0, 0.0) == 1.0

@@ -1,0 +1,56 @@
+"""Specifications of harness/run.py: the config on the console, the run folder (a killed run brought
+back to its checkpoint), the log's account of a run. CPU only, no network."""
+import json
+import sys
+
+import torch
+
+import train_grpo as tg
+from harness import run
+
+
+def test_the_console_config_names_every_resolved_value_within_100_columns(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = tg.get_args(["--params", "13", "--preset", "cpu-demo"])
+    text = run.summary(dict(vars(args), resolved=dict(device="cpu", world_size=1)))
+    words = text.split()
+    assert words[0] == "config:" and all(len(line) <= 100 for line in text.splitlines())
+    assert {w.split("=", 1)[0] for w in words[1:]} == set(vars(args)) | {"device", "world_size"}
+    assert "betas=(0.9,0.999)" in words and "lr=0.03" in words and "micro_batch=32" in words
+
+
+def test_a_resumed_run_drops_the_log_rows_and_temp_files_past_its_checkpoint(tmp_path):
+    rows = [dict(kind="eval", step=0), dict(kind="train", step=1), dict(kind="train", step=2),
+            dict(kind="train", step=3)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "checkpoint.safetensors.tmp12").write_bytes(b"torn")
+    run.recover_run(str(tmp_path), 2)
+    assert run.read_jsonl(str(tmp_path / "log.jsonl")) == rows[:3]
+    assert not list(tmp_path.glob("*.tmp*"))
+    run.recover_run(str(tmp_path), 0)  # a fresh run in an old folder starts an empty log
+    assert run.read_jsonl(str(tmp_path / "log.jsonl")) == []
+
+
+def test_the_running_mean_hand_computed():
+    assert run.running_mean([1, 0, 0, 1, 1], 2) == [1, 0.5, 0, 0.5, 1]
+    assert run.running_mean([3, 1, 2], 4) == [3, 2, 2] and run.running_mean([], 4) == []
+
+
+def test_before_after_counts_the_paired_changes_and_shows_a_gained_problem():
+    first = dict(strict=0.5, right=[1, 0, 0, 1, 0, 1], questions=list("abcdef"),
+                 replies=["r0", "wrong b", "r2", "r3", "r4", "r5"])
+    last = dict(first, strict=2 / 3, right=[1, 1, 1, 0, 0, 1],
+                replies=["r0", "right b"] + ["x"] * 4)
+    text = run.before_after(first, last)
+    assert text.startswith("held-out strict 50.0% -> 66.7%: 2 gained, 1 lost, McNemar p = 1")
+    assert "e.g. b\n    before: 'wrong b'\n    after:  'right b'" in text
+    assert "e.g." not in run.before_after(first, dict(first))  # nothing gained: no example
+
+
+def test_the_reward_plot_is_skipped_in_one_line_without_matplotlib(monkeypatch, tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps(dict(kind="train", step=1, reward=0.5)) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert run.plot_rewards(str(log), str(tmp_path / "reward.png")) is None
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "reward.png").exists()
