@@ -11,6 +11,7 @@ import task
 import tinylora
 import train_grpo as tg
 from harness import engine, scale
+from harness.data import arith_rows
 from harness.run import sampler_logprobs
 from harness.tests.fixtures import tiny_model, vllm_or_skip
 
@@ -89,7 +90,7 @@ def test_vllm_sync_matches_trainer_logprobs(tiny_llm, tiny_folder, smol_tok, tar
     bank = tinylora.apply_tinylora(m, params=4, targets=targets)
     with torch.no_grad():
         bank.v.normal_(0, 1.0, generator=torch.Generator().manual_seed(3))
-    prompts = [task.prompt_ids(smol_tok, [r], [], 512)[0][1] for r in task.arith_rows("test")[:3]]
+    prompts = [task.prompt_ids(smol_tok, [r], [], 512)[0][1] for r in arith_rows("test")[:3]]
     eos = [smol_tok.eos_token_id]
 
     def gap():
@@ -135,7 +136,7 @@ def test_vllm_lora_push_matches_trainer_logprobs(tiny_folder, smol_tok, tmp_path
     bank = tinylora.apply_tinylora(m, params=4)
     generator = rollout.make_generator("vllm", m, smol_tok, bank, tiny_folder, str(tmp_path), 512,
                                        0, sync="lora")
-    prompts = [task.prompt_ids(smol_tok, [r], [], 512)[0][1] for r in task.arith_rows("test")[:3]]
+    prompts = [task.prompt_ids(smol_tok, [r], [], 512)[0][1] for r in arith_rows("test")[:3]]
 
     def gap():
         comps = generator.generate(prompts, 2, 12, 1.0, seed=0)
