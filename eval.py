@@ -2,11 +2,10 @@
 Evaluation: one model, prompt, greedy decoding and extractor set, with and without an adapter.
 
     python eval.py --adapter runs/gsm8k/adapter.safetensors --compare        # Qwen2.5-7B-Instruct
-    python eval.py --model M.gguf --data arith --shots 1 --max-new-tokens 32 --adapter A --compare
 
 The protocol, printed with every report: greedy, task.py's prompt and scores (paper: verl's rule,
 the paper's metric; strict: ours; flexible: the last number), the whole test split unless --limit.
-Chosen where the paper is silent:
+Where the paper is silent:
  1. 95% intervals are Wilson score intervals (sound near 0% and 100%, unlike the normal one).
  2. --compare scores base and adapter on the same problems, the base being the adapted model at
     v = 0 (bit-identical to the untouched one, tested), with an exact McNemar test on the pairs.
@@ -17,15 +16,22 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 
 import torch
 
 import rollout
 import task
 import tinylora
-from harness import models, run, scale
+from harness import export, models, run, scale
 
 METRICS = ("paper", "strict", "flexible")
+PROTOCOL = dict(decoding="greedy",
+                prompt="chat template: K solved train problems as earlier turns, then question + "
+                + json.dumps(task.SUFFIX),
+                paper="verl: last '#### N' in the last 300 chars == gold as a string",
+                strict="number after the last '####' == gold, reply ended with EOS",
+                flexible="last number in the reply == gold")
 
 # ---- Statistics: pure functions -----------------------------------------------------------------
 def wilson(k, n, z=1.959964):
@@ -39,8 +45,7 @@ def wilson(k, n, z=1.959964):
 
 def mcnemar_exact(b, c):
     """Two-sided exact McNemar p-value: b = right only in A, c = right only in B (binomial, 1/2)."""
-    n = b + c
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
+    tail = sum(math.comb(b + c, i) for i in range(min(b, c) + 1)) / 2 ** (b + c)
     return min(1.0, 2 * tail)
 
 def summarize(results):
@@ -49,11 +54,10 @@ def summarize(results):
     for k in METRICS:
         hits = sum(r[k] for r in results)
         out[k] = dict(acc=hits / n, correct=hits, ci95=list(wilson(hits, n)))
-    out["has_hash"] = sum(r["has_hash"] for r in results) / n
-    out["mean_tokens"] = sum(r["n_tokens"] for r in results) / n
-    out["truncated"] = sum(not r["finished"] for r in results) / n
-    out["unparseable"] = sum(r["unparseable"] for r in results)
-    return out
+    return dict(out, has_hash=sum(r["has_hash"] for r in results) / n,
+                mean_tokens=sum(r["n_tokens"] for r in results) / n,
+                truncated=sum(not r["finished"] for r in results) / n,
+                unparseable=sum(r["unparseable"] for r in results))
 
 def compare(base, adapted, key="strict"):
     """Paired comparison of two result lists on the same problems."""
@@ -88,6 +92,8 @@ def get_args(argv=None):
     g = ap.add_argument_group("evaluation")
     g.add_argument("--adapter", default=None, help="a TinyLoRA adapter (.safetensors)")
     g.add_argument("--compare", action="store_true", help="evaluate base and adapter in one run")
+    g.add_argument("--route", default="exact", choices=["exact", "merged-bf16", "both"],
+                   help="the adapter exactly, or merged into bf16 weights as the paper scored it")
     g.add_argument("--split", default="test", help="test, or val (the last --val train problems)")
     g.add_argument("--limit", type=int, default=None, help="first N problems only")
     g.add_argument("--batch-size", type=int, default=64, help="prompts per HF generate call")
@@ -108,13 +114,8 @@ def main(argv=None):
     args = get_args(argv)
     rt = models.runtime(args.device, args.dtype, args.backend, args.dist_timeout)  # + ranks
     rows, shots = task.load_task(args.data, args.split, args.shots, args.val)
-    rows = rows[:args.limit] if args.limit else rows
-    protocol = dict(decoding="greedy", shots=len(shots), max_new_tokens=args.max_new_tokens,
-                    prompt="chat template: K solved train problems as earlier turns, then "
-                    "question + " + json.dumps(task.SUFFIX),
-                    paper="verl: last '#### N' in the last 300 chars == gold as a string",
-                    strict="number after the last '####' == gold, reply ended with EOS",
-                    flexible="last number in the reply == gold")
+    rows = rows[:args.limit]  # None: all
+    protocol = dict(PROTOCOL, shots=len(shots), max_new_tokens=args.max_new_tokens)
     say = print if rt.rank == 0 else (lambda *a, **k: None)
     say(f"protocol: {json.dumps(protocol)}\nbackend {rt.backend}, device {rt.device}, dtype "
         f"{rt.dtype}" + (f", {rt.world} ranks" if rt.world > 1 else ""))
@@ -127,29 +128,32 @@ def main(argv=None):
     bank = tinylora.load_adapter(model, args.adapter) if args.adapter else None
     if bank is not None:
         trained = bank.v.detach().clone()
-        from harness.export import bank_plan
-        say(bank_plan(bank) + f" (from {args.adapter}, trained on {bank.config.get('base_model')})")
+        say(f"{export.bank_plan(bank)} (from {args.adapter}, base {bank.config['base_model']})")
     work = os.path.join(args.work_dir, os.path.basename(os.path.normpath(args.model)))
-    sync = "merged" if rt.dtype == torch.float32 else "lora"  # exact either way
     generator = rollout.make_generator(rt.backend, model, tok, bank, args.model, work,
                                        args.max_prompt + args.max_new_tokens, args.seed,
                                        gpu_memory_utilization=args.gpu_memory_utilization,
-                                       sync=sync)
+                                       sync="merged" if rt.dtype == torch.float32 else "lora")
 
     # ---- evaluate: base (v = 0) and/or adapter, on the same problems
     report = dict(config=vars(args), protocol=protocol, backend=rt.backend, device=rt.device,
                   dtype=str(rt.dtype), models={}, problems={})
     labels = ["base"] if not args.adapter or args.compare else []
-    for label in labels + (["adapter"] if args.adapter else []):
+    if args.adapter:  # exactly, merged into bf16 weights as the paper scored it, or both
+        labels += {"exact": ["adapter"], "merged-bf16": ["merged-bf16"]}.get(
+            args.route, ["adapter", "merged-bf16"])
+    for label in labels:
         if bank is not None:
             with torch.no_grad():
-                bank.v.copy_(trained if label == "adapter" else torch.zeros_like(trained))
+                bank.v.copy_(torch.zeros_like(trained) if label == "base" else trained)
             generator.push(bank)
-        report["problems"][label], report["models"][label] = run_eval(
-            generator, items, args.max_new_tokens, args.seed, args.batch_size, label)
-    if args.compare:
-        base, adapted = report["problems"]["base"], report["problems"]["adapter"]
-        report["compare"] = {k: compare(base, adapted, k) for k in METRICS}
+        with export.merged_route(generator, bank) if label == "merged-bf16" else nullcontext():
+            report["problems"][label], report["models"][label] = run_eval(
+                generator, items, args.max_new_tokens, args.seed, args.batch_size, label)
+    pairs = [("base", label) for label in labels[1:]] if args.compare else []
+    pairs += [("adapter", "merged-bf16")] if args.route == "both" and args.adapter else []
+    report["compare"] = {f"{a} vs {b}": {k: compare(report["problems"][a], report["problems"][b],
+                                                      k) for k in METRICS} for a, b in pairs}
     if rt.rank == 0:  # the table, the paired comparison and the JSON report (--out)
         run.eval_report(report, args, len(items), METRICS)
     return report

@@ -5,10 +5,9 @@ EOS if it stopped), the sampler's log-prob of each after the temperature, whethe
 the text. generator.push(bank); generator.generate(prompts, n, max_new, temperature, seed).
 
 Chosen where the paper is silent (vLLM's engine arguments and environment: harness/engine.py):
- 1. vLLM gets W0 + ΔW through collective_rpc("reload_weights", weights_iterator=...), public in vLLM
-    0.32, one module at a time: the adapted matrices with their fused siblings (q,k,v -> qkv_proj
-    and gate,up -> gate_up_proj must arrive together or vLLM corrupts the layer). Or (sync='lora')
-    ΔW as the exact rank-r LoRA, which survives a bf16 generator.
+ 1. vLLM gets W0 + ΔW by collective_rpc("reload_weights", weights_iterator=...) (vLLM 0.32), one
+    module at a time with its fused siblings (q,k,v -> qkv_proj and gate,up -> gate_up_proj arrive
+    together, or vLLM corrupts the layer); or (sync='lora') ΔW as the exact rank-r LoRA.
  2. Log-probs come from the sampler itself (vLLM's processed_logprobs, HF's scores after the
     temperature), so truncated importance sampling can correct any generator/trainer mismatch.
  3. Every completion has its own seed, from (step seed, its prompt's place in the global batch): HF
@@ -28,10 +27,9 @@ from harness.models import eos_ids
 
 # ---- HF generate -------------------------------------------------------------------------------
 class SamplerLogprobs:
-    """A logits processor for HF generate that applies the temperature itself and records log π of
-    each sampled token. With seeds (one per row) it also samples: Gumbel-max, argmax(log π + g) with
-    g from the row's own generator, so a row's sample never depends on the rows beside it; generate
-    then runs greedy on the perturbed scores."""
+    """HF generate's logits processor: applies the temperature, records log π of each sampled token,
+    and with seeds (one per row) samples by Gumbel-max, argmax(log π + g), g from the row's own
+    generator, so a row ignores the rows beside it (generate then runs greedy on the scores)."""
 
     def __init__(self, temperature, seeds=None):
         self.T, self.prev, self.out, self.seeds, self.gens = temperature, None, [], seeds, None
@@ -54,8 +52,7 @@ class SamplerLogprobs:
         return torch.cat(self.out, 1)
 
 def row_seeds(seed, index, n):
-    """One sampling seed per completion, from the call's seed and each prompt's index in the global
-    batch, so a completion is the same whichever rank or micro-batch draws it."""
+    """One seed per completion, from the call's seed and its prompt's index in the global batch."""
     return [(seed * 1000003 + i * n + j) % 2 ** 63 for i in index for j in range(n)]
 
 def completion(tok, ids, lps, eos, finished=False):
@@ -130,8 +127,8 @@ def sync_weights(llm, model, bank, dtype=None):
 
 # ---- The generator the programs use ------------------------------------------------------------
 class Generator:
-    """Rollouts on W0 + ΔW: HF generate on the live adapted model, or an in-process vLLM engine
-    (llm) given W0 + ΔW as merged weights or, with lora_dir, as a LoRA. Methods: generate, push."""
+    """Rollouts on W0 + ΔW: HF generate on the live model, or vLLM (llm) given merged weights or,
+    with lora_dir, the LoRA."""
 
     def __init__(self, model, tok, llm=None, lora_dir=None, tensor_parallel=1):
         self.model, self.tok, self.eos, self.llm = model, tok, eos_ids(model, tok), llm
@@ -157,8 +154,7 @@ class Generator:
         return engine.generate_together(here, self.tp_group, prompts, index, n)
 
     def push(self, bank):
-        """Give the generator W0 + ΔW (HF generates on the live model: nothing to do). Returns the
-        share of ΔW that reached it (delta_kept on 8 modules: below 1 when a bf16 merge rounds)."""
+        """Give vLLM W0 + ΔW (HF needs nothing); the share of ΔW that arrives (below 1: bf16)."""
         if self.llm is not None and self.lora_dir is not None:
             self.lora = engine.push_lora(self.llm, bank, self.lora_dir)
         elif self.llm is not None:
@@ -169,9 +165,8 @@ class Generator:
 
 def make_generator(backend, model, tok, bank, spec, work_dir, max_model_len, seed, *,
                    gpu_memory_utilization=0.4, sync="merged", tensor_parallel=1):
-    """The generator for `backend` ('hf' or 'vllm'). vLLM loads W0 from `spec` (a .gguf model is
-    exported under work_dir first) in the model's dtype and receives ΔW by `sync`: 'merged' weights
-    or a 'lora' written under work_dir."""
+    """The generator for `backend` ('hf' or 'vllm'). vLLM loads W0 from `spec` (a .gguf: exported
+    under work_dir) in the model's dtype and gets ΔW by `sync`: 'merged' weights or a 'lora'."""
     if sync not in ("merged", "lora"):
         raise ValueError(f"unknown sync {sync!r} (use 'merged' or 'lora')")
     if backend != "vllm":

@@ -3,12 +3,11 @@ The task: GSM8K problems, the prompt, the answer extractors and the two rewards,
 (each step's batch and learning rate), shared by train_grpo.py and eval.py so that training and
 evaluation never disagree. Rows are {question, gold, answer, solution}. Where the paper is silent:
  1. Two rewards (--reward). paper: verl's GSM8K rule, which the paper trained and scored with (the
-    last "#### N" in the reply's last 300 characters, commas dropped, string-equal to the gold;
-    cut-off replies count). strict: the reply ended on its own (EOS) *and* its last "####" number
-    equals the gold numerically (a prototype paid for cut-off replies learned never to stop).
- 2. The prompt: the plain few-shot chat a user would write (lm-eval-harness's few-shot as
-    multi-turn): the train split's first K solved problems as earlier turns, then the question,
-    each with the paper's suffix; K = 0, the paper's prompt, for GSM8K (--shots).
+    last "#### N" in the last 300 characters string-equals the gold; cut-off replies count). strict:
+    the reply stopped (EOS) *and* its last "####" number equals the gold (a prototype paid for
+    cut-off replies learned never to stop).
+ 2. The prompt: the few-shot chat a user would write, the train split's first K solved problems as
+    earlier turns, then the question, each with the paper's suffix; K = 0 for GSM8K (--shots).
  3. A validation split (--val N) is the last N training problems, so learning rates are never
     chosen on the held-out split; shots and validation problems are never trained on.
  4. --data arith | arith-transfer: the CPU demo's small arithmetic (harness/data.py), because
@@ -30,13 +29,8 @@ PAPER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")  # verl/utils/reward_score/gsm8k.
 def parse_number(s):
     """'1,234' -> 1234.0, '$5' -> 5.0, '-3.50' -> -3.5; None if s holds no finite number."""
     m = NUM_RE.search(s.replace("$", "")) if s is not None else None
-    if m is None:
-        return None
-    try:
-        x = float(m.group(0).replace(",", ""))
-    except ValueError:
-        return None
-    return x if math.isfinite(x) else None
+    x = float(m.group(0).replace(",", "")) if m else None  # NUM less its commas is always a float
+    return x if x is not None and math.isfinite(x) else None
 
 def extract_strict(text):
     """The number after the last '####' (the training reward's format), or None."""
@@ -67,8 +61,8 @@ def reward(text, problem, finished, rule):
     raise ValueError(f"unknown reward {rule!r} (use {' or '.join(REWARDS)})")
 
 def score(reply, problem, finished, n_tokens):
-    """One problem's verdicts: paper and strict (the two rewards), hash_right (the last '####'
-    number is right, stopped or not), flexible (the last number is)."""
+    """One reply's verdicts: the two rewards, hash_right (the last '####' number, stopped or not)
+    and flexible (the last number) right, and what it holds."""
     gold = problem["gold"]
     return dict(paper=reward(reply, problem, finished, "paper") == 1.0,
                 strict=reward(reply, problem, finished, "strict") == 1.0,
@@ -158,14 +152,17 @@ def seed_for(seed, k):
     never collide."""
     return seed * 1000003 + k
 
-def batch_at(items, step, B, seed):
-    """The step's B items: a permutation per epoch from (seed, epoch), so any step is recomputed."""
+def batch_at(items, step, B, seed, shuffle=True):
+    """The step's B items, in the file's order (the fork's data.shuffle=False) or a permutation per
+    epoch from (seed, epoch), so any step is recomputed; a short last batch is dropped (verl)."""
     epoch, k = divmod(step, len(items) // B)
-    perm = list(range(len(items)))
-    random.Random(seed_for(seed, epoch)).shuffle(perm)
-    return [items[i] for i in perm[k * B:(k + 1) * B]]
+    order = list(range(len(items)))
+    if shuffle:
+        random.Random(seed_for(seed, epoch)).shuffle(order)
+    return [items[i] for i in order[k * B:(k + 1) * B]]
 
 def lr_at(step, total, lr, warmup_frac):
-    """Linear warm-up over the first warmup_frac of optimizer steps, then constant (verl)."""
-    w = max(1, round(warmup_frac * total))
-    return lr * min(1.0, (step + 1) / w)
+    """verl's constant schedule with warm-up: lr · step / w over the first w = ⌊warmup_frac · total⌋
+    rollout steps (lr 0 at step 0), then lr."""
+    w = int(warmup_frac * total)
+    return lr * step / w if step < w else lr

@@ -34,9 +34,10 @@ def models(draw, layers=st.integers(1, 3)):
 
 @st.composite
 def plans(draw, n):
-    """apply_tinylora's plan arguments for n modules: a params budget (u·groups, or any number one
-    time in four) or (u, n_tie); tiled or structured; r 1..3; TinyLoRA or LoRA-XS; an exact or a
-    randomized SVD. It may be infeasible: the tests say what must then happen."""
+    """apply_tinylora's arguments for n modules: a params budget (u·groups, or any number one time
+    in four) or (u, n_tie); tiled or structured; r 1..3; TinyLoRA or LoRA-XS; an exact or a
+    randomized SVD; independent or the fork's P; v in fp32, bf16 or fp16. It may be infeasible: the
+    tests say what must then happen."""
     r, lora_xs = draw(st.integers(1, 3)), draw(st.booleans())
     u = r * r if lora_xs else draw(st.integers(1, r * r + 2))
     if not draw(st.booleans()):
@@ -46,7 +47,9 @@ def plans(draw, n):
     else:
         plan = dict(params=draw(st.integers(1, n * r * r + 3)))
     return dict(plan, r=r, lora_xs=lora_xs, tie=draw(st.sampled_from(["tiled", "structured"])),
-                svd=draw(st.sampled_from(["exact", "randomized"])))
+                svd=draw(st.sampled_from(["exact", "randomized"])),
+                projections=draw(st.sampled_from(["independent", "fork"])),
+                v_dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])))
 
 
 def n_adapted(m, targets):
@@ -133,8 +136,10 @@ def test_a_budget_is_met_exactly_by_the_authors_tiles_when_they_exist_else_refus
     u, groups = T.plan_groups(names, r, params=N)
     assert sum(groups, []) == names and u * len(groups) == N  # every module once, in order
     sizes = [len(g) for g in groups]
-    if tilings(n, r, N):  # the smallest u, then the smallest n_tie: the author's reading
-        t, w = min(tilings(n, r, N))
+    if tilings(n, r, N):  # the smallest u; then an n_tie that is a power of two, else the least
+        t = min(u for u, _ in tilings(n, r, N))
+        widths = sorted(w for u, w in tilings(n, r, N) if u == t)
+        w = next((w for w in widths if w in (1, 2, 4, 8, 16, 32, 64, 128, 256)), widths[0])
         assert (u, sizes) == (t, [min(w, n - i) for i in range(0, n, w)])
     else:  # even groups with the least u
         assert (u, len(groups)) == min(feasible) and max(sizes) - min(sizes) <= 1
@@ -189,14 +194,16 @@ def graph_leaves(t):
     return leaves
 
 
-def test_the_papers_budgets_on_the_7b_shape_are_the_authors_tiles():
+def test_the_papers_budgets_on_the_7b_shape_are_fig_1s_tiles():
     names = [f"model.layers.{i // 7}.{t}" for i, t in enumerate(["q", "k", "v", "o", "g", "u",
                                                                   "d"] * 28)]
     assert T.plan_groups(names, 2, params=13) == T.plan_groups(names, 2, u=1, n_tie=16)
     assert [len(g) for g in T.plan_groups(names, 2, params=13)[1]] == [16] * 12 + [4]
-    for N, n_tie in [(1, 196), (2, 98), (4, 49), (7, 28), (25, 8), (49, 4), (98, 2), (196, 1)]:
+    for N, sizes in [(1, [196]), (2, [128, 68]), (4, [64, 64, 64, 4]), (7, [32] * 6 + [4]),
+                     (25, [8] * 24 + [4]), (49, [4] * 49), (98, [2] * 98), (196, [1] * 196)]:
         u, groups = T.plan_groups(names, 2, params=N)
-        assert (u, [len(g) for g in groups]) == (1, T.tile_sizes(196, n_tie)), N
+        assert (u, [len(g) for g in groups]) == (1, sizes), N
+    assert [len(g) for g in T.plan_groups(names, 2, params=3)[1]] == [66, 66, 64]  # no power of 2
     assert T.plan_groups(names, 2, params=392)[0] == 2
     with pytest.raises(ValueError, match=r"nearest feasible budgets: \[195, 196, 198, 200\]"):
         T.plan_groups(names, 2, params=197)
@@ -205,7 +212,7 @@ def test_the_papers_budgets_on_the_7b_shape_are_the_authors_tiles():
 def test_lora_xs_counts_groups_of_r_squared_and_refuses_more_than_the_modules_hold():
     names = [f"m{i}" for i in range(196)]
     assert T.plan_groups(names, 2, params=784, lora_xs=True) == (4, [[n] for n in names])
-    with pytest.raises(ValueError, match=r"LoRA-XS: u = r².*\(max 784\)"):
+    with pytest.raises(ValueError, match=r"\(LoRA-XS: u = r²\); nearest feasible .*\[780, 784\]"):
         T.plan_groups(names, 2, params=1568, lora_xs=True)
     with pytest.raises(ValueError, match=r"nearest feasible budgets: \[8, 12, 16\]"):
         T.plan_groups(names[:4], 2, params=13, lora_xs=True)
@@ -254,6 +261,36 @@ def test_tied_modules_share_v_but_not_P():
     first = [bank.layers[n] for n in bank.groups[0]]
     assert {L.group for L in first} == {0}
     assert all(not torch.equal(a.P, b.P) for i, a in enumerate(first) for b in first[i + 1:])
+
+
+@pytest.mark.parametrize("arch,u", [("qwen2", 1), ("llama", 3)])
+def test_the_forks_P_is_what_its_own_procedure_draws(arch, u):
+    """The fork (verl-lora c5b65fc2): torch.manual_seed(42); svd_lowrank of Wᵀ (rank 2, 10
+    iterations) on the CPU; v = randn(u); P = randn(u, r, r): replayed literally, per module."""
+    bank = T.apply_tinylora(tiny_model(arch, vocab=100, inter=96), u=u, n_tie=3,
+                            projections="fork")
+    for L in bank.layers.values():
+        torch.manual_seed(42)
+        torch.svd_lowrank(L.base.weight.T.float(), q=2, niter=10)
+        torch.randn(u)
+        assert torch.equal(L.P, torch.randn(u, 2, 2) / math.sqrt(u))
+    assert bank.config["projections"] == "fork"
+
+
+def test_on_the_7b_layout_the_fork_gives_five_projections_one_P_and_k_v_another():
+    """Qwen2.5-7B's 28 layers × 7 shapes (no weights): P depends on min(out, in) alone, so q, o,
+    gate, up and down (3584) share one P in every layer, k and v (512) another."""
+    shapes = dict(q=(3584, 3584), k=(512, 3584), v=(512, 3584), o=(3584, 3584),
+                  gate=(18944, 3584), up=(18944, 3584), down=(3584, 18944))
+    P = {(layer, k): T.P_fork(1, 2, min(s)) for layer in range(28) for k, s in shapes.items()}
+    distinct = {tuple(p.flatten().tolist()) for p in P.values()}
+    assert len(distinct) == 2 and torch.equal(P[0, "q"], P[27, "down"])
+    assert torch.equal(P[3, "k"], P[9, "v"]) and not torch.equal(P[0, "q"], P[0, "k"])
+
+
+def test_an_unknown_projection_rule_is_refused():
+    with pytest.raises(ValueError, match="projections independent or fork"):
+        T.apply_tinylora(tiny_model("qwen2", vocab=100), params=1, projections="shared")
 
 
 # ---- (c) the math -----------------------------------------------------------------------------
@@ -487,9 +524,23 @@ def test_13_scalars_are_52_bytes_in_fp32_and_26_in_bf16(tmp_path):
     p16 = T.save_adapter(bank, str(tmp_path / "h.safetensors"), dtype=torch.bfloat16)
     v, meta = T.read_adapter(p16)
     assert payload_bytes(p16) == 26 and meta["v_dtype"] == "bfloat16"
-    assert torch.equal(v, bank.v.detach().bfloat16().float())
+    assert torch.equal(v, bank.v.detach().bfloat16())
     assert os.path.getsize(p16) < 8192  # the whole file, header included
     assert not any(f.name.startswith("h.safetensors.tmp") for f in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_v_trained_in_half_precision_is_saved_and_loaded_bit_for_bit(dtype, tmp_path):
+    m = tiny_model("qwen2", vocab=300, layers=2)
+    bank = T.apply_tinylora(m, params=13, v_dtype=dtype)
+    opt = torch.optim.AdamW([bank.v], lr=0.1)
+    m(tokens(vocab=300)).logits.square().mean().backward()
+    opt.step()  # an update rounded to the dtype
+    assert bank.v.dtype == dtype and bank.v.abs().min() > 0
+    path = T.save_adapter(bank, str(tmp_path / "a.safetensors"))
+    assert payload_bytes(path) == 26
+    loaded = T.load_adapter(tiny_model("qwen2", vocab=300, layers=2), path)
+    assert loaded.v.dtype == dtype and torch.equal(loaded.v, bank.v)
 
 
 def test_an_adapter_for_another_base_or_a_broken_file_is_refused_in_one_line(tmp_path):
@@ -506,7 +557,7 @@ def test_an_adapter_for_another_base_or_a_broken_file_is_refused_in_one_line(tmp
         (tmp_path / f"{name}.safetensors").write_bytes(content)
         with pytest.raises(ValueError, match="not a readable TinyLoRA adapter"):
             T.read_adapter(str(tmp_path / f"{name}.safetensors"))
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(ValueError, match="No such file"):
         T.read_adapter(str(tmp_path / "nope.safetensors"))
     from safetensors.torch import save_file
     import json
@@ -514,8 +565,8 @@ def test_an_adapter_for_another_base_or_a_broken_file_is_refused_in_one_line(tmp
               metadata={"tinylora": json.dumps(dict(bank.config, format_version=99))})
     with pytest.raises(ValueError, match=r"adapter format \(99,"):
         T.read_adapter(str(tmp_path / "v99.safetensors"))
-    with pytest.raises(ValueError, match="float32 or bfloat16"):
-        T.save_adapter(bank, str(tmp_path / "x.safetensors"), dtype=torch.float16)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        T.save_adapter(bank, str(tmp_path / "x.safetensors"), dtype=torch.int8)
 
 
 def test_the_fingerprint_refuses_other_svd_factors_and_keeps_its_own(tmp_path):

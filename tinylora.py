@@ -8,13 +8,12 @@ W ≈ U Σ Vᵀ, fixed random P₁…P_u (r×r) and a tiny trainable v ∈ ℝ�
 Sections: math, layer, tying plan, apply/remove, bank, adapter file. Where the paper is silent:
  1. ΔW = U Σ R Vᵀ in forward and merge alike (the author's fork forwards with Rᵀ but merges with R;
     PEFT uses U √Σ R √Σ Vᵀ). No extra α: with Adam the learning rate alone sets how fast R moves.
- 2. P ~ N(0, 1)/√u from a CPU generator seeded by sha256(seed, module name): the same everywhere.
- 3. v is fp32 and zero-initialised: step 0 is bit-identical to the base; the gradient flows via P.
- 4. SVD in fp32, canonical signs (R is not sign-invariant), randomized with q = r + 32 and 20 power
+ 2. P ~ N(0, 1)/√u per module, from a CPU generator keyed by sha256(seed, module name); or "fork":
+    the author's draw (P_fork), one per min(out, in). v = 0 at first: the base, to the bit.
+ 3. SVD in fp32, canonical signs (R is not sign-invariant), randomized with q = r + 32 and 20 power
     iterations (flat spectra), its sketch from a CPU generator: a GPU and a laptop get one U, V.
- 5. params=N: the author's tiles (u = 1 and the least n_tie giving N tiles; then u = 2 … r²), else
-    even groups; or u and n_tie directly; "structured" ties one module type per group.
- 6. Merged weights W0 + ΔW: fp32 math from the untouched W0, cast once, never in place.
+ 4. params=N: the author's tiles (u = 1, then 2 … r²; an n_tie giving N tiles, a power of two where
+    one does, as in Fig. 1), else even groups; or u and n_tie; "structured": one type per group.
 """
 import hashlib
 import json
@@ -69,30 +68,30 @@ def P_random(u, r, seed, name):
     g = torch.Generator(device="cpu").manual_seed(stable_seed(seed, name))
     return torch.randn(u, r, r, generator=g, dtype=torch.float32) / math.sqrt(u)
 
+def P_fork(u, r, n):
+    """P as the author's fork draws it (verl-lora c5b65fc2, lora_utils.py:27-28, 256-259): seed 42,
+    torch.svd_lowrank's sketch (n, r), n = min(out, in) (torch >= 2.4), v, then P on the CPU."""
+    g = torch.Generator().manual_seed(42)
+    torch.randn(n, r, generator=g), torch.randn(u, generator=g)  # the SVD's sketch, then v
+    return torch.randn(u, r, r, generator=g) / math.sqrt(u)
+
 def R(v, P):
     """R = Σᵢ vᵢ Pᵢ. v (u,), P (u, r, r) -> (r, r)."""
     return torch.einsum("i,ijk->jk", v, P)
 
-def delta_W(U, S, V, v, P):
-    """ΔW = U Σ R Vᵀ (out, in); only merges and exports form it, never training."""
-    return (U * S) @ R(v, P) @ V.T
-
 # ---- 2. The layer ----------------------------------------------------------------------------
 class TinyLoRALinear(nn.Module):
-    """base(x) + (x V)(U Σ R)ᵀ. The base nn.Linear is untouched; U, S, V, P are frozen buffers left
-    out of state_dict (rebuilt from W); v is its group's row of the bank's parameter."""
+    """base(x) + (x V)(U Σ R)ᵀ; the base untouched, U, S, V, P frozen buffers rebuilt from W."""
 
     def __init__(self, base, U, S, V, P, bank, group):
         super().__init__()
         self.base, self.group = base, group
-        self.register_buffer("U", U, persistent=False)  # (out, r)
-        self.register_buffer("S", S, persistent=False)  # (r,)
-        self.register_buffer("V", V, persistent=False)  # (in, r)
-        self.register_buffer("P", P, persistent=False)  # (u, r, r)
+        for k, t in dict(U=U, S=S, V=V, P=P).items():  # (out, r), (r,), (in, r), (u, r, r)
+            self.register_buffer(k, t, persistent=False)
         object.__setattr__(self, "bank", bank)  # not a submodule: v is a parameter of the bank only
 
     def forward(self, x):  # x (..., in)
-        v = self.bank.v[self.group]  # (u,), fp32
+        v = self.bank.v[self.group].float()  # (u,)
         B = ((self.U * self.S) @ R(v, self.P)).to(x.dtype)  # (out, r) = U Σ R, in fp32
         return self.base(x) + (x @ self.V.to(x.dtype)) @ B.T  # x Wᵀ + b + (x V)(U Σ R)ᵀ
 
@@ -107,7 +106,7 @@ def even_sizes(n, g):
 
 def budget(n, r, params, balanced=False, lora_xs=False):
     """(u, group sizes) giving exactly `params` scalars over n modules, u ≤ r² (LoRA-XS: = r²): the
-    author's tiles if any (13 on the 7B's 196 modules: u = 1, tiles of 16), else even groups."""
+    author's tiles if any (196 modules: 13 is tiles of 16, the last 4), else even groups."""
     if params <= 0:
         raise ValueError(f"params must be positive, got {params}")
     allowed = [r * r] if lora_xs else range(1, r * r + 1)
@@ -116,12 +115,12 @@ def budget(n, r, params, balanced=False, lora_xs=False):
         ok = sorted({u * g for u in allowed for g in range(1, n + 1)})
         near = [b for b in ok if b < params][-2:] + [b for b in ok if b > params][:2]
         raise ValueError(f"no exact plan for params={params} on {n} modules with r={r}"
-                         f"{' (LoRA-XS: u = r²)' * lora_xs} (max {n * r * r}); nearest "
-                         f"feasible budgets: {near}")
-    for u in us:
-        n_tie = math.ceil(n / (params // u))  # the only width that can give params // u tiles
-        if not balanced and math.ceil(n / n_tie) == params // u:
-            return u, tile_sizes(n, n_tie)
+                         f"{' (LoRA-XS: u = r²)' * lora_xs}; nearest feasible budgets: {near}")
+    for u in us:  # an n_tie that gives params // u tiles: a power of two, else the least
+        widths = [w for w in range(1, n + 1) if math.ceil(n / w) * u == params]
+        powers = [w for w in widths if math.log2(w).is_integer()]  # as Fig. 1's n_tie
+        if widths and not balanced:
+            return u, tile_sizes(n, (powers or widths)[0])
     return us[0], even_sizes(n, params // us[0])
 
 def plan_groups(names, r, *, params=None, u=None, n_tie=None, tie="tiled", lora_xs=False,
@@ -175,28 +174,30 @@ def find_targets(model, targets=DEFAULT_TARGETS):
 
 def apply_tinylora(model, *, params=None, u=None, n_tie=None, r=2, tie="tiled",
                    targets=DEFAULT_TARGETS, seed=0, svd="randomized", lora_xs=False,
-                   balanced=False):
+                   projections="independent", v_dtype=torch.float32, balanced=False):
     """Freeze `model`, wrap its target linears in TinyLoRALinear, return the bank of v (zeros).
     lora_xs: u = r², P = the standard basis. seed: of P and the SVD sketch (a run's --proj-seed)."""
     if any(isinstance(m, TinyLoRALinear) for m in model.modules()):
         raise ValueError("model already carries TinyLoRA layers")
-    if r < 1:
-        raise ValueError(f"r must be >= 1, got {r}")
+    if r < 1 or projections not in ("independent", "fork"):
+        raise ValueError(f"need r >= 1 and projections independent or fork: {r}, {projections!r}")
     found = find_targets(model, tuple(targets))
     u, groups = plan_groups([name for name, _ in found], r, params=params, u=u, n_tie=n_tie,
                             tie=tie, lora_xs=lora_xs, balanced=balanced)
     config = dict(format_version=FORMAT_VERSION, r=r, u=u, tie=tie, n_tie=n_tie,
                   params=len(groups) * u, group_sizes=[len(g) for g in groups],
                   targets=list(targets), seed=seed, svd=svd, lora_xs=lora_xs,
-                  orientation=ORIENTATION, P="standard basis" if lora_xs else
-                  "N(0,1)/sqrt(u), CPU generator, sha256(seed, name)")
+                  orientation=ORIENTATION, projections=projections)
     model.requires_grad_(False)
-    bank = Bank(groups, u, config).to(next(model.parameters()).device)
+    bank = Bank(groups, u, config, v_dtype).to(next(model.parameters()).device)
     group_of = {name: g for g, names in enumerate(groups) for name in names}
     for name, mod in found:
         U, S, V = svd_factors(mod.weight, r, svd, seed)
-        # LoRA-XS: P is the standard basis of r×r matrices, so that R = v.reshape(r, r)
-        P = torch.eye(r * r).float().view(r * r, r, r) if lora_xs else P_random(u, r, seed, name)
+        if lora_xs:  # P: the standard basis of r×r matrices, so that R = v.reshape(r, r)
+            P = torch.eye(r * r).reshape(r * r, r, r)
+        else:
+            fork = projections == "fork"
+            P = P_fork(u, r, min(mod.weight.shape)) if fork else P_random(u, r, seed, name)
         layer = TinyLoRALinear(mod, U, S, V, P.to(mod.weight.device), bank, group_of[name])
         model.set_submodule(name, layer)
         bank.layers[name] = layer
@@ -214,16 +215,16 @@ def remove_tinylora(model):
 class Bank(nn.Module):
     """v (groups, u), the plan (groups, config), the adapted layers (name -> TinyLoRALinear)."""
 
-    def __init__(self, groups, u, config):
+    def __init__(self, groups, u, config, v_dtype=torch.float32):
         super().__init__()
-        self.v = nn.Parameter(torch.zeros(len(groups), u, dtype=torch.float32))
+        self.v = nn.Parameter(torch.zeros(len(groups), u, dtype=v_dtype))
         self.groups, self.config, self.layers = groups, config, {}
 
     @torch.no_grad()
     def delta(self, name):
-        """ΔW of one adapted module, fp32 (out, in)."""
+        """ΔW = U Σ R Vᵀ of one adapted module, fp32 (out, in): only merges and exports form it."""
         L = self.layers[name]
-        return delta_W(L.U, L.S, L.V, self.v[L.group], L.P)
+        return (L.U * L.S) @ R(self.v[L.group].float(), L.P) @ L.V.T
 
     @torch.no_grad()
     def merged(self, name, dtype=None):
@@ -238,8 +239,8 @@ SIGMA_RTOL = 2e-3  # fingerprint: bf16 vs fp32 weights and the SVD method move �
 FACTOR_ATOL = 2e-3  # factor probes: fp32 round-off moves them ~1e-5; a 1e-2 change of U or V, ~1e-2
 
 def fingerprint(bank):
-    """The base and its factors: a hash of names and shapes, σ₁ and fixed random probes √m·gᵀuᵢ,
-    √n·hᵀvᵢ of every module (O(1) values that move as U, V do; fp32 round-off does not)."""
+    """The base and its factors: names and shapes (hashed), σ₁, and probes √m·gᵀuᵢ, √n·hᵀvᵢ from
+    fixed random g, h (O(1) values that move as U, V do, not with fp32 round-off)."""
     shapes, sigma1, probes = [], [], []
     for n, L in bank.layers.items():
         gen = torch.Generator().manual_seed(stable_seed(0, n + "/probe"))
@@ -266,11 +267,12 @@ def check_fingerprint(expected, got, path=""):
                          f"(σ₁ differ by up to {sigma:.2%}, tolerance {SIGMA_RTOL:.1%}; factor "
                          f"probes by {probes.abs().max().item():.2g}, tolerance {FACTOR_ATOL:g})")
 
-def save_adapter(bank, path, dtype=torch.float32, base_model=None):
-    """v (fp32, or bf16: 26 bytes for 13) and what rebuilds the adapter; renamed in place, whole."""
+def save_adapter(bank, path, dtype=None, base_model=None):
+    """v (its dtype, or `dtype`: 13 are 52 bytes in fp32) and what rebuilds the adapter, whole."""
     from safetensors.torch import save_file
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"adapter dtype must be float32 or bfloat16, got {dtype}")
+    dtype = dtype or bank.v.dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"adapter dtype must be float32, bfloat16 or float16, got {dtype}")
     meta = dict(bank.config, base_model=base_model or bank.config.get("base_model"),
                 v_dtype=str(dtype).replace("torch.", ""))
     tmp = f"{path}.tmp{os.getpid()}"
@@ -280,13 +282,11 @@ def save_adapter(bank, path, dtype=torch.float32, base_model=None):
     return path
 
 def read_adapter(path):
-    """(v fp32 (groups, u), metadata dict) from an adapter file; one clear ValueError per defect."""
+    """(v (groups, u) as saved, its metadata) from an adapter file; a clear ValueError otherwise."""
     from safetensors import safe_open
-    if not os.path.isfile(path):
-        raise ValueError(f"adapter file not found: {path}")
     try:  # safetensors raises its own types for truncation and corruption
         with safe_open(path, framework="pt") as f:
-            v, meta = f.get_tensor("v").float(), json.loads(f.metadata()["tinylora"])
+            v, meta = f.get_tensor("v"), json.loads(f.metadata()["tinylora"])
     except Exception as e:
         raise ValueError(f"{path} is not a readable TinyLoRA adapter ({type(e).__name__}: {e})")
     got = (meta.get("format_version"), meta.get("orientation")) if isinstance(meta, dict) else meta
@@ -298,12 +298,12 @@ def read_adapter(path):
 def load_adapter(model, path):
     """Apply TinyLoRA to `model` as recorded in `path`, check the base's fingerprint, load v."""
     v, c = read_adapter(path)
-    if c["n_tie"] is None:  # (a file without group_sizes predates the tiles: even groups)
-        plan = dict(params=c["params"], balanced="group_sizes" not in c)
-    else:
-        plan = dict(u=c["u"], n_tie=c["n_tie"])
+    # a params budget; in even groups if the file predates the tiles (no group_sizes)
+    plan = (dict(params=c["params"], balanced="group_sizes" not in c) if c["n_tie"] is None
+            else dict(u=c["u"], n_tie=c["n_tie"]))
     bank = apply_tinylora(model, r=c["r"], tie=c["tie"], targets=c["targets"], seed=c["seed"],
-                          svd=c["svd"], lora_xs=c["lora_xs"], **plan)
+                          svd=c["svd"], lora_xs=c["lora_xs"], v_dtype=v.dtype,
+                          projections=c.get("projections", "independent"), **plan)
     try:
         check_fingerprint(c["fingerprint"], bank.config["fingerprint"], path)
         if c.get("group_sizes", bank.config["group_sizes"]) != bank.config["group_sizes"]:

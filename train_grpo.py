@@ -11,19 +11,18 @@ unmerged adapter (only v has gradients) -> AdamW step(s) -> push W0 + ΔW to the
 Top to bottom: config, loss, log-probs, update, main (the build, the loop); task.py: the data and
 reward; rollout.py: the generator; harness/: the machinery.
 
-Chosen where the paper is silent (defaults: the first author's verl GSM8K recipe, paper §5.1):
+Where the paper is silent, the first author's verl GSM8K recipe (docs/reproduction.md), in this
+parameterisation's units: the fork scales ΔW by lora_alpha/r = 16, so its lr is × 16 here, its
+gradient clip and weight decay ÷ 16 (lr 2e-3: his 1.25e-4; no fork script gives a 13-parameter
+rate, and it was not swept on a GPU). And:
  1. π_old is the trainer's own forward before the first update of a rollout batch; truncated
     importance sampling weighs each token's loss by min(π_old/π_sampler, 2) (the sampler's π).
  2. A = (r − mean_group)/(std_group + ε), std unbiased as in verl; a constant group gives A = 0.
- 3. Data order: a permutation per epoch from (seed, epoch); each completion is sampled from (seed,
-    step, its place in the batch). A checkpoint needs only v, the Adam moments and the step.
- 4. lr 2e-3: the author's code scales ΔW by lora_alpha/r = 16 and uses R/√u, so his swept 1e-5 …
-    2e-4 are 1.6e-4 … 3.2e-3 here; an informed guess, not re-swept on a GPU (the CPU demo's 3e-2 is
-    the CPU search's choice on its validation split).
+ 3. Each completion is sampled from (seed, step, its place in the batch), and the data order is
+    the file's (or a permutation per epoch): a checkpoint needs only v, the Adam moments, the step.
 """
 import time
 from collections import namedtuple
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +51,12 @@ def adapter_flags(ap, factors=True):
     g.add_argument("--tie", default="tiled", choices=["tiled", "structured"])
     g.add_argument("--targets", default=",".join(tinylora.DEFAULT_TARGETS))
     g.add_argument("--lora-xs", action="store_true", help="u = r², P = standard basis")
+    g.add_argument("--projections", default="fork", choices=["fork", "independent"],
+                   help="P as the author's fork draws it (one per input width), or one per module")
+    g.add_argument("--v-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     if factors:
         g.add_argument("--svd", default="randomized", choices=["randomized", "exact"])
-        g.add_argument("--proj-seed", type=int, default=0, help="the fixed random P and SVD sketch")
+        g.add_argument("--proj-seed", type=int, default=0, help="the SVD sketch, independent P")
 
 def data_flags(ap):
     g = ap.add_argument_group("data")
@@ -73,10 +75,10 @@ def generator_flags(ap):
 
 def get_args(argv=None):
     ap = run.new_parser(__doc__.split("\n")[1])
-    for add in (model_flags, adapter_flags, data_flags, generator_flags):
+    # then the loss pass and torchrun (the same numbers in less memory or time), and this run
+    for add in (model_flags, adapter_flags, data_flags, generator_flags, scale.add_flags,
+                run.add_flags):
         add(ap)
-    scale.add_flags(ap)  # the loss pass in less memory or time, and torchrun: the same numbers
-    run.add_flags(ap)  # this run: its folder, preset, resume and log
     g = ap.add_argument_group("rollout")
     g.add_argument("--reward", default="paper", choices=list(task.REWARDS),
                    help="paper: verl's GSM8K rule (the paper's); strict: stopped, equal as numbers")
@@ -89,12 +91,15 @@ def get_args(argv=None):
     g.add_argument("--epochs", type=int, default=3)
     g.add_argument("--steps", type=int, default=None, help="rollout steps (default: --epochs)")
     g.add_argument("--mini-batches", type=int, default=2, help="optimizer steps per rollout batch")
-    g.add_argument("--lr", type=float, default=2e-3)
-    g.add_argument("--warmup", type=float, default=0.05, help="fraction of optimizer steps")
+    g.add_argument("--lr", type=float, default=2e-3, help="the fork's 1.25e-4, × 16")
+    g.add_argument("--warmup", type=float, default=0.05, help="of the steps, from lr 0 (verl)")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
-    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--weight-decay", type=float, default=0.01 / 16, help="the fork's 0.01, / 16")
+    g.add_argument("--grad-clip", type=float, default=1 / 16, help="the fork's 1.0, / 16")
+    g.add_argument("--shuffle", action="store_true", help="a permutation per epoch (fork: none)")
     g.add_argument("--eps-low", type=float, default=0.2)
     g.add_argument("--eps-high", type=float, default=0.4)
+    g.add_argument("--dual-clip", type=float, default=3.0, help="verl's c (0: off)")
     g.add_argument("--tis-cap", type=float, default=2.0)
     g.add_argument("--loss-agg", default="token-mean",
                    choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
@@ -110,10 +115,9 @@ def group_advantages(r, G, eps=1e-6):
     return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).view(-1)
 
 def agg_weights(mask, mode, max_new, n_tokens=None, n_seqs=None):
-    """Per-token weights whose sum with a per-token loss gives the aggregate. mask (B, T) float;
-    n_tokens, n_seqs: the mini-batch's totals over all ranks (default: this mask's).
-    token-mean: Σ/Σmask (verl, paper) · seq-mean-token-mean: mean over sequences of per-sequence
-    means (original GRPO; length-biased) · seq-mean-token-sum-norm: Σ/(B·max_new) (Dr. GRPO)."""
+    """Per-token weights whose sum with a per-token loss gives the aggregate; n_tokens, n_seqs: the
+    totals over all ranks (default: this mask's (B, T)). token-mean: Σ/Σmask (verl, the paper);
+    seq-mean-token-mean: a mean of sequence means (GRPO); seq-mean-token-sum-norm: Σ/(B·max_new)."""
     n_tokens = mask.sum().item() if n_tokens is None else n_tokens
     n_seqs = mask.shape[0] if n_seqs is None else n_seqs
     if mode == "token-mean":
@@ -128,21 +132,23 @@ def tis_weight(old_lp, sampler_lp, cap):
     """Truncated importance sampling: min(π_old/π_sampler, cap), per token, no gradient."""
     return torch.exp(old_lp - sampler_lp).clamp(max=cap).detach()
 
-def ppo_clip_loss(logp, old_lp, A, eps_low, eps_high):
-    """Per-token −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), ρ = π/π_old. logp, old_lp (B, T); A (B,)."""
-    rho = torch.exp(logp - old_lp)
-    A = A[:, None]
-    return -torch.minimum(rho * A, rho.clamp(1 - eps_low, 1 + eps_high) * A), rho
+def ppo_clip_loss(logp, old_lp, A, eps_low, eps_high, c=0.0):
+    """Per-token −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), ρ = π/π_old; c > 0: verl's dual clip caps
+    the loss of a negative advantage at −cA. logp, old_lp (B, T); A (B,)."""
+    rho, A = torch.exp(logp - old_lp), A[:, None]
+    loss = -torch.minimum(rho * A, rho.clamp(1 - eps_low, 1 + eps_high) * A)
+    return (torch.where(A < 0, torch.minimum(loss, -c * A), loss) if c else loss), rho
 
 # The update's constants, the flags of the same names. G > 1: each group's prompt runs once in the
-# loss pass (harness/scale.py); plain: the loss pass is token_logprobs below.
+# loss pass (harness/scale.py); plain: the loss pass is token_logprobs below; dual_clip: verl's c.
 Hyper = namedtuple("Hyper", "eps_low eps_high tis_cap loss_agg max_new_tokens temperature "
-                   "grad_clip micro_batch micro_tokens G plain", defaults=(0, 1, False))
+                   "grad_clip micro_batch micro_tokens G plain dual_clip",
+                   defaults=(0, 1, False, 0.0))
 
 def grpo_loss(logp, old_lp, sampler_lp, A, w, hp):
     """Σ w·TIS·PPO-clip over tokens, and how many tokens the clip cut off below and above.
     logp (b, c) with grad; old_lp, sampler_lp (b, c); A (b,); w (b, c), > 0 on completion tokens."""
-    pg, rho = ppo_clip_loss(logp, old_lp, A, hp.eps_low, hp.eps_high)
+    pg, rho = ppo_clip_loss(logp, old_lp, A, hp.eps_low, hp.eps_high, hp.dual_clip)
     loss = (pg * tis_weight(old_lp, sampler_lp, hp.tis_cap) * w).sum()
     real, A = w > 0, A[:, None]
     clip_low = ((rho < 1 - hp.eps_low) & (A < 0) & real).sum().item()
@@ -172,10 +178,9 @@ def logprobs(model, seqs, hp):
 
 
 # ---- The update: π_old, then one AdamW step per mini-batch of whole groups ----------------------
-class Rollouts(NamedTuple):
-    seqs: list  # (prompt ids, completion ids) per sample, G consecutive samples per prompt
-    A: torch.Tensor  # (N,) advantages
-    sampler_lp: torch.Tensor  # (N, C) the sampler's log-probs, right-padded
+# A rollout batch: (prompt ids, completion ids) per sample, G per prompt; A (N,); the sampler's
+# log-probs (N, C), right-padded.
+Rollouts = namedtuple("Rollouts", "seqs A sampler_lp")
 
 @torch.no_grad()
 def old_logprobs(model, seqs, C, hp):
@@ -207,8 +212,7 @@ def minibatch_backward(model, ro, idx, old_lp, w, hp):
     return lp_out, clip_low, clip_high
 
 def step_v(opt, lr, grad_clip):
-    """One AdamW step on v (the optimizer's one tensor) at `lr`, its gradient summed over ranks and
-    clipped; returns the gradient norm."""
+    """One AdamW step at `lr` on v (the optimizer's tensor), its gradient summed and clipped."""
     (v,) = opt.param_groups[0]["params"]
     opt.param_groups[0]["lr"] = lr
     scale.all_sum(v.grad)
@@ -217,8 +221,8 @@ def step_v(opt, lr, grad_clip):
     return norm
 
 def policy_update(model, opt, ro, lrs, hp):
-    """One rollout batch -> len(lrs) AdamW steps on v. Returns π_old (N, C) and the update's
-    statistics. Under torchrun ro is this rank's share: the weights count every rank's tokens."""
+    """One rollout batch -> len(lrs) AdamW steps on v; π_old (N, C) and the update's statistics.
+    (Under torchrun, ro is this rank's share; the weights count every rank's tokens.)"""
     N, C, M = len(ro.seqs), ro.sampler_lp.shape[1], len(lrs)
     mask = scale.completion_mask([len(c) for _, c in ro.seqs], C)  # (N, C)
     old_lp = old_logprobs(model, ro.seqs, C, hp) if M > 1 else None
@@ -248,7 +252,8 @@ def main(argv=None, loaded=None):
     scale.fit(model, args, rt, plan=not loaded)  # checkpointing; on CUDA the memory plan
     train = task.prompt_ids(tok, rows, shots, args.max_prompt)  # [(row, prompt ids)]
     run.start(args, rt, bank, rows, train)  # the plan, the data, config.json
-    opt = torch.optim.AdamW([bank.v], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
+    opt = torch.optim.AdamW([bank.v], lr=args.lr, betas=tuple(args.betas),
+                            weight_decay=args.weight_decay)
     generator = loaded[2] if loaded else rollout.make_generator(
         rt.backend, model, tok, bank, args.model, args.out, args.max_prompt + args.max_new_tokens,
         args.seed, gpu_memory_utilization=args.gpu_memory_utilization, sync=args.sync,
@@ -259,7 +264,7 @@ def main(argv=None, loaded=None):
     G, shared = args.group_size, not (args.no_shared_prompt or model.is_gradient_checkpointing)
     hp = Hyper(args.eps_low, args.eps_high, args.tis_cap, args.loss_agg, args.max_new_tokens,
                args.temperature, args.grad_clip, args.micro_batch, args.micro_tokens,
-               G if shared else 1, args.plain_logprobs)  # checkpointing drops the prompt's cache
+               G if shared else 1, args.plain_logprobs, args.dual_clip)  # checkpointing: G = 1
     generator.push(bank)  # v = 0, or the resumed v
     if args.eval_n and start == 0:
         run.heldout(generator, tok, args, 0)
@@ -267,7 +272,7 @@ def main(argv=None, loaded=None):
     for step in bar:
         t0 = time.time()
         # ---- data: the step's B prompts (this rank's share of each mini-batch), each G times
-        full = task.batch_at(train, step, args.batch_prompts, args.seed)  # [(row, prompt ids)] × B
+        full = task.batch_at(train, step, args.batch_prompts, args.seed, args.shuffle)  # × B
         mine = scale.shard(args.batch_prompts, rt.rank, rt.world, args.mini_batches)  # positions
         batch = [full[i] for i in mine]
         prompts = [p for _, p in batch for _ in range(G)]  # (b·G) id lists
@@ -286,8 +291,7 @@ def main(argv=None, loaded=None):
         # ---- loss and step: PPO-clip through the unmerged adapter, TIS against the sampler
         t1 = time.time()
         seqs = [(p, c["ids"]) for p, c in zip(prompts, comps)]
-        lrs = [task.lr_at(opt_steps + m, total_steps * args.mini_batches, args.lr, args.warmup)
-               for m in range(args.mini_batches)]
+        lrs = [task.lr_at(step, total_steps, args.lr, args.warmup)] * args.mini_batches
         ro = Rollouts(seqs, A, run.sampler_logprobs(comps))
         old_lp, stats = policy_update(model, opt, ro, lrs, hp)  # π_old (b·G, C)
         opt_steps, t_train = opt_steps + args.mini_batches, time.time() - t1

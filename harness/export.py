@@ -11,6 +11,7 @@ Chosen where the paper is silent:
     cast keeps (bf16 rounds most of a small ΔW away: export-lora keeps all of it).
  2. The LoRA is exact: lora_A = Vᵀ, lora_B = U Σ R, alpha = r (scale 1), so B A = ΔW.
 """
+import contextlib
 import json
 import os
 import sys
@@ -58,7 +59,7 @@ def write_merged(model, tok, bank, out, dtype):
 def lora_AB(bank, name):
     """ΔW of one module as an exact rank-r LoRA, ΔW = B A: A = Vᵀ (r, in), B = U Σ R (out, r)."""
     L = bank.layers[name]
-    return L.V.T.contiguous(), ((L.U * L.S) @ tinylora.R(bank.v[L.group], L.P)).contiguous()
+    return L.V.T.contiguous(), ((L.U * L.S) @ tinylora.R(bank.v[L.group].float(), L.P)).contiguous()
 
 
 def write_lora(bank, out, base_model=None):
@@ -93,6 +94,33 @@ def delta_kept(bank, dtype, every=1):
         kept += (((W0 + dW).to(dtype).float() - W0.to(dtype).float()) * dW).sum().item()
         total += dW.square().sum().item()
     return kept / total if total else 1.0
+
+
+@contextlib.contextmanager
+def merged_route(generator, bank, dtype=torch.bfloat16):
+    """While the block runs, the generator holds the adapter as the paper scored it (the fork's
+    validation on merged weights): W0 + ΔW computed in fp32, cast once to `dtype`, in place of W0,
+    with v = 0. Afterwards W0, v and the exact route are back."""
+    import rollout
+    W0, v = {n: L.base.weight.data for n, L in bank.layers.items()}, bank.v.detach().clone()
+    with torch.no_grad():
+        for name, L in bank.layers.items():
+            L.base.weight.data = bank.merged(name, dtype).to(W0[name].dtype)
+        bank.v.zero_()
+    lora, generator.lora = generator.lora, None  # a vLLM LoRA slot would add ΔW twice
+    if generator.llm is not None:
+        rollout.sync_weights(generator.llm, generator.model, bank, generator.dtype)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, L in bank.layers.items():
+                L.base.weight.data = W0[name]
+        if generator.llm is not None and lora is not None:  # the LoRA route adds ΔW to W0
+            rollout.sync_weights(generator.llm, generator.model, bank, generator.dtype)
+        with torch.no_grad():
+            bank.v.copy_(v)
+        generator.push(bank)
 
 
 def plan_main(argv):

@@ -29,16 +29,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_SMOL = os.path.join(ROOT, "..", "shared", "models", "smollm2-135m-instruct",
                            "SmolLM2-135M-Instruct.Q4_1.gguf")
 # cpu-demo: the CPU search's choice (docs/results.md, "The CPU demo"): 1 shot, 13 parameters, 3e-2
+# It keeps the optimisation it was chosen with (before the fork's clip, decay, data order, dual clip
+# and P became the defaults): those would need its search re-run.
 PRESETS = {
     "cpu-demo": dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", data="arith", shots=1,
                      batch_prompts=4, group_size=8, max_new_tokens=32, max_prompt=512, steps=16,
                      lr=3e-2, micro_batch=32, mini_batches=1, warmup=0.0, val=100, eval_n=200,
-                     dtype="float32", reward="strict", out="runs/cpu-demo"),
+                     dtype="float32", reward="strict", out="runs/cpu-demo", grad_clip=1.0,
+                     weight_decay=0.0, shuffle=True, dual_clip=0.0, projections="independent"),
 }
 # cpu-sweep: what docs/results.md's RL-vs-SFT sweep ran (2 shots, 12 steps, micro-batches of 8)
 PRESETS["cpu-sweep"] = dict(PRESETS["cpu-demo"], shots=2, steps=12, lr=1e-2, micro_batch=8,
                             out="runs/cpu-sweep")
-PLAN_KEYS = ("r", "u", "tie", "seed", "svd", "lora_xs", "group_sizes")
+PLAN_KEYS = ("r", "u", "tie", "seed", "svd", "lora_xs", "group_sizes", "projections")
 
 
 # ---- The config ----------------------------------------------------------------------------
@@ -120,7 +123,8 @@ def plan_kwargs(args):
 def adapter_kwargs(args):
     """apply_tinylora's keyword arguments from the adapter flags."""
     return dict(plan_kwargs(args), r=args.r, tie=args.tie, targets=args.targets.split(","),
-                seed=args.proj_seed, svd=args.svd, lora_xs=args.lora_xs)
+                seed=args.proj_seed, svd=args.svd, lora_xs=args.lora_xs,
+                projections=args.projections, v_dtype=getattr(torch, args.v_dtype))
 
 
 def summary(config):
@@ -397,17 +401,22 @@ def eval_report(report, args, n, metrics):
     report: --out, or eval-DATA.json beside the adapter (eval.json without one)."""
     print(f"\n{args.model} on {args.data} [{args.split}], {n} problems, greedy, "
           f"{args.max_new_tokens} new tokens")
-    print(f"{'':8s} " + " ".join(f"{k:>24s}" for k in metrics)
+    print(f"{'':11s} " + " ".join(f"{k:>24s}" for k in metrics)
           + f" {'####':>6s} {'trunc':>6s} {'tokens':>7s} {'time':>6s}")
     for k, m in report["models"].items():
         cells = [f"{m[x]['acc']:6.1%} [{m[x]['ci95'][0]:5.1%}, {m[x]['ci95'][1]:5.1%}]"
                  for x in metrics]
-        print(f"{k:8s} " + " ".join(f"{c:>24s}" for c in cells) + f" {m['has_hash']:6.1%} "
+        print(f"{k:11s} " + " ".join(f"{c:>24s}" for c in cells) + f" {m['has_hash']:6.1%} "
               f"{m['truncated']:6.1%} {m['mean_tokens']:7.1f} {m['seconds']:5.0f}s")
-    for k, c in report.get("compare", {}).items():
-        verdict = "significant" if c["significant"] else "not significant"
-        print(f"{k}: adapter − base = {c['diff']:+.1%} ({c['adapter_only']} gained, "
-              f"{c['base_only']} lost), McNemar p = {c['p_value']:.2g} -> {verdict} at 5%")
+    for pair, by_metric in report["compare"].items():  # "base vs adapter": the second's gains
+        first, second = pair.split(" vs ")
+        for k, c in by_metric.items():
+            verdict = "significant" if c["significant"] else "not significant"
+            print(f"{k}: {second} − {first} = {c['diff']:+.1%} ({c['adapter_only']} gained, "
+                  f"{c['base_only']} lost), McNemar p = {c['p_value']:.2g} -> {verdict} at 5%")
+        agree = [report["problems"][first][i] == report["problems"][second][i] for i in range(n)]
+        if first != "base" and all(agree):
+            print(f"{first} and {second} agree on every problem's reply")
     name = f"eval-{os.path.basename(args.data)}.json"
     out = args.out or (os.path.join(os.path.dirname(args.adapter), name) if args.adapter
                        else "eval.json")

@@ -79,7 +79,8 @@ def main(argv=None, loaded=None):
     scale.fit(model, args, rt, plan=not loaded)
     train = task.prompt_ids(tok, rows, shots, args.max_prompt)
     run.start(args, rt, bank, rows, train)
-    opt = torch.optim.AdamW([bank.v], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
+    opt = torch.optim.AdamW([bank.v], lr=args.lr, betas=tuple(args.betas),
+                            weight_decay=args.weight_decay)
     generator = loaded[2] if loaded else rollout.make_generator(
         rt.backend, model, tok, bank, args.model, args.out, args.max_prompt + args.max_new_tokens,
         args.seed, gpu_memory_utilization=args.gpu_memory_utilization, sync=args.sync,
@@ -97,13 +98,12 @@ def main(argv=None, loaded=None):
     for step in bar:
         t0 = time.time()
         # ---- data: the step's B problems (GRPO's; this rank's share), their gold solutions
-        batch = task.batch_at(train, step, args.batch_prompts, args.seed)
+        batch = task.batch_at(train, step, args.batch_prompts, args.seed, args.shuffle)
         mine = scale.shard(args.batch_prompts, rt.rank, rt.world, args.mini_batches)
         seqs = demos(tok, [batch[i] for i in mine], eos)
 
         # ---- loss and step: token-mean NLL of the solutions through the unmerged adapter
-        lrs = [task.lr_at(opt_steps + m, total_steps * args.mini_batches, args.lr, args.warmup)
-               for m in range(args.mini_batches)]
+        lrs = [task.lr_at(step, total_steps, args.lr, args.warmup)] * args.mini_batches
         loss, grad_norm = sft_update(model, opt, seqs, lrs, hp)
         opt_steps += args.mini_batches
 

@@ -37,7 +37,7 @@ class FakeLLM:
                  max_lora_rank=16, use_tqdm_on_load=True, block_size=None):
         self.kwargs = {k: v for k, v in locals().items() if k != "self"}
         self.env = dict(os.environ)
-        self.requests, self.pushes, self.loras, self.resets = [], [], [], 0
+        self.requests, self.pushes, self.loras, self.resets, self.tensors = [], [], [], 0, []
         self.llm_engine = types.SimpleNamespace(add_lora=self.loras.append)
         FakeLLM.built.append(self)
 
@@ -65,7 +65,8 @@ class FakeLLM:
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
         assert method == "reload_weights"
-        self.pushes.append([(n, t.dtype, tuple(t.shape)) for n, t in kwargs["weights_iterator"]])
+        self.tensors.append(dict(kwargs["weights_iterator"]))
+        self.pushes.append([(n, t.dtype, tuple(t.shape)) for n, t in self.tensors[-1].items()])
         return [None]
 
     def reset_prefix_cache(self):
@@ -278,3 +279,21 @@ def test_gpu_check_keeps_every_finished_section_when_cut_short(monkeypatch, tmp_
     report = json.load(open(out))
     assert report["shape_tiny"] == dict(measured=1.0) and report["torch"] == torch.__version__
     assert "transformers" in report and "finished" not in report
+
+
+@pytest.mark.usefixtures("gpu")
+def test_eval_merged_bf16_route_pushes_the_bf16_merge_and_samples_without_the_lora(
+        answer_folder, sevens_jsonl, tmp_path):
+    adapter = str(tmp_path / "adapter.safetensors")
+    bank = bf16_adapter(answer_folder, adapter)
+    evaluation.main(["--model", answer_folder, "--adapter", adapter, "--route", "merged-bf16",
+                     "--data", sevens_jsonl, "--max-new-tokens", "6", "--work-dir",
+                     str(tmp_path / "work"), "--out", str(tmp_path / "eval.json")])
+    (llm,) = FakeLLM.built
+    merged, restored = llm.tensors  # when the route began, and W0 again when it ended
+    for name in bank.layers:  # W0 + ΔW in fp32, cast once to bf16; then W0 for the LoRA route
+        assert torch.equal(merged[f"{name}.weight"], bank.merged(name, torch.bfloat16))
+        assert torch.equal(restored[f"{name}.weight"], bank.layers[name].base.weight)
+    report = json.load(open(tmp_path / "eval.json"))
+    assert list(report["models"]) == ["merged-bf16"]
+    assert all(r["lora"] is None for r in llm.requests)  # the merged weights alone, no LoRA slot

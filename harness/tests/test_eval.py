@@ -92,3 +92,27 @@ def test_the_default_7b_model_without_a_gpu_is_refused_before_anything_loads(mon
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="no GPU here.*--device cpu"):
         E.get_args(["--limit", "5"])
+
+
+def test_the_merged_bf16_route_scores_what_the_paper_scored(smol_tok, tmp_path):
+    """--route merged-bf16 gives the replies of the model whose weights are W0 + ΔW merged in fp32
+    and cast once to bf16 (the fork's validation), here a base on the bf16 grid as a bf16
+    checkpoint is; --route both reports the exact route beside it and compares the two."""
+    from harness import export
+    m = tiny_model("qwen2", tok=smol_tok, vocab=len(smol_tok)).to(torch.bfloat16).float()
+    m.generation_config.eos_token_id = smol_tok.eos_token_id
+    m.save_pretrained(tmp_path / "base")
+    smol_tok.save_pretrained(tmp_path / "base")
+    bank = tinylora.apply_tinylora(m, params=7)
+    with torch.no_grad():
+        bank.v.fill_(2.0)
+    adapter = tinylora.save_adapter(bank, str(tmp_path / "a.safetensors"))
+    export.write_merged(m, smol_tok, bank, str(tmp_path / "merged"), torch.bfloat16)
+    argv = ["--data", "arith", "--limit", "6", "--backend", "hf", "--dtype", "float32",
+            "--max-new-tokens", "8"]
+    report = E.main(["--model", str(tmp_path / "base"), *argv, "--adapter", adapter, "--route",
+                     "both", "--out", str(tmp_path / "r.json")])
+    paper = E.main(["--model", str(tmp_path / "merged"), *argv, "--out", str(tmp_path / "m.json")])
+    assert ([x["reply"] for x in report["problems"]["merged-bf16"]]
+            == [x["reply"] for x in paper["problems"]["base"]])
+    assert list(report["compare"]) == ["adapter vs merged-bf16"] and len(report["models"]) == 2

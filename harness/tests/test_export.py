@@ -148,3 +148,20 @@ def test_the_plan_cli_prints_the_plan_and_refuses_an_infeasible_budget(tiny_fold
         export.main(["plan", "--model", tiny_folder, "--params", "59"])  # prime, > 14 modules
     with pytest.raises(ValueError, match="not found"):
         export.main(["plan", "--model", "/nonexistent/x.gguf"])
+
+
+def test_the_merged_route_swaps_in_the_bf16_merge_and_puts_everything_back():
+    import rollout
+    m = tiny_model("qwen2", vocab=300, layers=2)
+    bank = tinylora.apply_tinylora(m, params=5)
+    with torch.no_grad():
+        bank.v.normal_(0, 0.5)
+    W0 = {n: L.base.weight.clone() for n, L in bank.layers.items()}
+    want = {n: bank.merged(n, torch.bfloat16).float() for n in bank.layers}  # cast once, fp32 math
+    v = bank.v.detach().clone()
+    generator = rollout.Generator(m, type("Tok", (), dict(eos_token_id=0))())
+    with export.merged_route(generator, bank):
+        assert bank.v.abs().max() == 0
+        assert all(torch.equal(L.base.weight, want[n]) for n, L in bank.layers.items())
+    assert torch.equal(bank.v, v) and all(torch.equal(L.base.weight, W0[n])
+                                          for n, L in bank.layers.items())

@@ -54,3 +54,12 @@ def test_the_reward_plot_is_skipped_in_one_line_without_matplotlib(monkeypatch, 
     assert run.plot_rewards(str(log), str(tmp_path / "reward.png")) is None
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert not (tmp_path / "reward.png").exists()
+
+
+def test_the_cpu_demo_keeps_the_optimisation_its_search_chose(monkeypatch):
+    """The demo was chosen before the fork's clip, weight decay, data order, dual clip and P became
+    the defaults; its preset keeps what it was chosen with (docs/reproduction.md)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    demo = tg.get_args(["--preset", "cpu-demo"])
+    kept = (demo.grad_clip, demo.weight_decay, demo.shuffle, demo.dual_clip, demo.projections)
+    assert kept == (1.0, 0.0, True, 0.0, "independent") and demo.warmup == 0.0

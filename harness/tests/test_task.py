@@ -183,6 +183,14 @@ def test_each_epoch_is_a_permutation_that_depends_only_on_seed_and_step():
     assert sorted(x for s in range(5, 10) for x in task.batch_at(items, s, 2, 0)) == items
 
 
-def test_the_learning_rate_warms_up_linearly_then_stays_constant():
-    assert [task.lr_at(s, 100, 1.0, 0.05) for s in (0, 1, 4, 5, 50)] == [0.2, 0.4, 1.0, 1.0, 1.0]
-    assert task.lr_at(0, 10, 1.0, 0.0) == 1.0
+def test_without_shuffle_every_epoch_is_the_files_order_and_a_short_last_batch_is_dropped():
+    items = list(range(11))  # 5 batches of 2 per epoch; item 10 is never drawn (verl's drop_last)
+    assert [task.batch_at(items, s, 2, 0, shuffle=False) for s in range(6)] == [
+        [0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [0, 1]]
+
+
+def test_the_learning_rate_warms_up_from_zero_over_verls_steps_then_stays_constant():
+    # the fork's run: 348 rollout steps, lr_warmup_steps_ratio 0.05: int(17.4) = 17 steps
+    lrs = [task.lr_at(s, 348, 1.0, 0.05) for s in (0, 1, 16, 17, 300)]
+    assert lrs == [0.0, 1 / 17, 16 / 17, 1.0, 1.0]
+    assert task.lr_at(0, 10, 1.0, 0.0) == 1.0 and task.lr_at(0, 10, 1.0, 0.05) == 1.0  # int(0.5)

@@ -66,6 +66,44 @@ def test_ppo_clip_loss_hand_computed():
     assert torch.allclose(rho[0], torch.tensor([1.0, 1.5, 0.5]))
 
 
+def test_the_dual_clip_caps_a_negative_advantages_loss_at_c_times_its_size():
+    """verl's dual clip (c = 3): with A < 0 a ratio of 5 would cost 5·|A|; it costs 3·|A|, with no
+    gradient; A > 0, or ratios under c, are untouched."""
+    logp = torch.log(torch.tensor([[5.0, 2.0, 0.5], [5.0, 2.0, 0.5]])).requires_grad_()
+    A = torch.tensor([-1.0, 1.0])
+    pg, _ = tg.ppo_clip_loss(logp, torch.zeros(2, 3), A, 0.2, 0.4, c=3.0)
+    assert torch.allclose(pg, torch.tensor([[3.0, 2.0, 0.8], [-1.4, -1.4, -0.5]]), atol=1e-6)
+    g, = torch.autograd.grad(pg.sum(), logp)
+    assert g[0, 0] == 0 and g[0, 1] != 0  # capped: no gradient; 2 < c: the plain PPO term
+    assert torch.equal(tg.ppo_clip_loss(logp, torch.zeros(2, 3), A, 0.2, 0.4)[0][0, 0],
+                       torch.tensor(5.0))  # c = 0: off
+
+
+def test_the_forks_clip_and_weight_decay_in_this_parameterisations_units_give_its_update():
+    """The fork scales ΔW by lora_alpha/r = 16: its v is ours / 16. Two AdamW steps of the fork (lr
+    1.25e-4, weight decay 0.01, clip 1.0 on its gradient) and two of ours (the defaults: lr 2e-3,
+    0.01/16, 1/16) from the same point move ΔW alike: the first gradient is clipped, the second is
+    not, so Adam's moments see the clip."""
+    args = tg.get_args(["--device", "cpu"])
+
+    def train(v0, scale_, lr, wd, clip):  # ΔW = scale · v; the loss ‖ΔW − target‖²
+        v = torch.nn.Parameter(v0.clone())
+        opt = torch.optim.AdamW([v], lr=lr, weight_decay=wd)
+        for target, clipped in ((torch.tensor([[30.0, -20.0]]), True),
+                                (torch.tensor([[0.51, 0.2]]), False)):
+            opt.zero_grad()
+            (scale_ * v - target).square().sum().backward()
+            assert (v.grad.norm() > clip) == clipped
+            tg.step_v(opt, lr, clip)
+        return scale_ * v.detach()
+    v_ours = torch.tensor([[0.5, 0.2]])
+    fork = train(v_ours / 16, 16.0, 1.25e-4, 0.01, 1.0)
+    ours = train(v_ours, 1.0, args.lr, args.weight_decay, args.grad_clip)
+    assert torch.allclose(ours, fork, rtol=1e-7, atol=1e-9)
+    assert (args.lr, args.weight_decay, args.grad_clip) == (2e-3, 0.01 / 16, 1 / 16)
+    assert (args.dual_clip, args.shuffle, args.projections) == (3.0, False, "fork")
+
+
 def test_tis_weight_caps_at_2_and_carries_no_gradient():
     old_lp = torch.tensor([0.0, 0.0, 0.0], requires_grad=True)
     w = tg.tis_weight(old_lp, torch.tensor([0.0, -0.5, -5.0]), 2.0)
@@ -367,9 +405,9 @@ def test_resume_after_kill_9_and_a_torn_write_equals_the_uninterrupted_run(
 
 def test_proj_seed_fixes_P_and_the_factors_and_seed_only_the_data_and_samples(
         answer_folder, sevens_jsonl, tmp_path):
-    def one(name, *flags):
+    def one(name, *flags):  # P per module from --proj-seed (the fork's P ignores it)
         bank = tg.main(tiny_run_args(answer_folder, sevens_jsonl, tmp_path / name, steps=1)
-                       + list(flags))
+                       + ["--projections", "independent", *flags])
         log = [json.loads(x) for x in open(tmp_path / name / "log.jsonl")]
         P = {n: L.P.clone() for n, L in bank.layers.items()}
         return tinylora.read_adapter(str(tmp_path / name / "adapter.safetensors"))[1], P, log
@@ -383,6 +421,8 @@ def test_proj_seed_fixes_P_and_the_factors_and_seed_only_the_data_and_samples(
     assert log[0]["reward"] != log_s[0]["reward"] or log[0]["len_mean"] != log_s[0]["len_mean"]
     with pytest.raises(ValueError, match=r"adapter plan differs.*'seed': \(0, 1\)"):
         tg.main(["--resume", str(tmp_path / "a"), "--proj-seed", "1", "--steps", "2"])
+    with pytest.raises(ValueError, match=r"'projections': \('independent', 'fork'\)"):
+        tg.main(["--resume", str(tmp_path / "a"), "--projections", "fork", "--steps", "2"])
 
 
 def test_the_gpu_recipe_on_a_machine_without_a_gpu_is_refused_before_anything_loads(monkeypatch):
