@@ -10,6 +10,9 @@ a CPU).
 """
 import json
 import random
+import re
+
+from task import extract_strict
 
 
 def read_jsonl(path):
@@ -65,3 +68,23 @@ def transfer_rows(n=200, seed=0):
 # --data name -> rows of a split
 ARITH = {"arith": arith_rows,
         "arith-transfer": lambda split: transfer_rows() if split == "test" else arith_rows(split)}
+
+
+EQUATION = re.compile(r"(-?\d+)\s*([+-])\s*(-?\d+)\s*=\s*(-?\d+)")
+
+
+def equation_account(problems, replies):
+    """What arithmetic replies hold beyond right and wrong (the CPU demo's account): the share whose
+    '####' number differs from the result of the last equation 'a ± b = c' they wrote before it
+    (the model copying a shot's answer), and the share whose equation's result is the problem's
+    answer. problems: task rows; replies: their texts."""
+    n = copied = right = 0
+    for problem, reply in zip(problems, replies):
+        found = EQUATION.findall(reply.split("####")[0])
+        said = extract_strict(reply)
+        n += 1
+        if found:
+            result = float(found[-1][3])
+            copied += said is not None and said != result
+            right += result == problem["gold"]
+    return dict(n=n, copied=copied / max(n, 1), right_equations=right / max(n, 1))

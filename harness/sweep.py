@@ -30,7 +30,7 @@ import rollout
 import task
 import tinylora
 import train_grpo
-from harness import models, run, sft
+from harness import models, rl_vs_sft, run, sft
 
 TRAINERS = {"rl": train_grpo.main, "sft": sft.main}
 
@@ -88,13 +88,13 @@ def load_shared(args):
 
 
 def score(generator, tok, bank, t, split, limit):
-    """Greedy eval of the current v on `split` with eval.py's protocol: (per-problem verdicts,
-    summary)."""
+    """Greedy eval of the current v on `split` with eval.py's protocol: (per-problem verdicts and
+    replies, summary)."""
     rows, shots = task.load_task(t.data, split, t.shots, t.val)
     items = task.prompt_ids(tok, rows[:limit] if limit else rows, shots, t.max_prompt)
     generator.push(bank)
     res, summary = evaluation.run_eval(generator, items, t.max_new_tokens, t.seed, label=split)
-    return [{k: r[k] for k in evaluation.METRICS} for r in res], summary
+    return [dict({k: r[k] for k in evaluation.METRICS}, reply=r["reply"]) for r in res], summary
 
 
 def train_and_score(args, loaded, done, method, budget, lr, seed, splits):
@@ -135,12 +135,6 @@ def read_results(out):
     return {(r["name"], r["split"]): r for r in rows}
 
 
-def best_lr(done, method, budget, lrs):
-    """The grid's lr with the best validation strict accuracy (ties: the smaller lr)."""
-    val = {lr: done[(f"{method}-{budget}-lr{lr:g}-s0", "val")]["strict"]["acc"] for lr in lrs}
-    return max(sorted(lrs), key=lambda lr: val[lr])  # max keeps the first of equals
-
-
 def main(argv=None):
     args = get_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -164,7 +158,7 @@ def main(argv=None):
     for m, b in tqdm(points, desc="sweep", position=0):
         for lr in args.lrs:
             train_and_score(args, loaded, done, m, b, lr, 0, ["val"] + ["test"] * args.test_all)
-        lr = best_lr(done, m, b, args.lrs)
+        lr = rl_vs_sft.chosen(done, b, m, args.lrs)[0]
         train_and_score(args, loaded, done, m, b, lr, 0, ["val", "test"])
         extra = args.extra_seeds_for == "all" or b in args.extra_seeds_for.split(",")
         for seed in range(1, args.seeds) if extra else []:
@@ -172,77 +166,15 @@ def main(argv=None):
     report(args, done)
 
 
-# ---- Report: the table and the figure ------------------------------------------------------------
-def chosen(done, budgets, methods, lrs):
-    """[(method, budget, lr, seed-0 held-out row, other seeds' held-out rows)] for every finished
-    point."""
-    out = []
-    for b in budgets:
-        for m in methods:
-            if all((f"{m}-{b}-lr{lr:g}-s0", "val") in done for lr in lrs):
-                lr = best_lr(done, m, b, lrs)
-                rows = [r for (n, s),
-                        r in done.items() if s == "test" and n.startswith(f"{m}-{b}-lr{lr:g}-s")]
-                main_row = [r for r in rows if r["seed"] == 0]
-                if main_row:
-                    out.append((m, b, lr, main_row[0], [r for r in rows if r["seed"] != 0]))
-    return out
-
-
-def table(done, budgets, methods, lrs):
-    cell = lambda x: f"{x['acc']:.1%} [{x['ci95'][0]:.1%}, {x['ci95'][1]:.1%}]"  # noqa: E731
-    base = done[("base", "test")]
-    lines = ["| method | budget | params | lr (val strict per lr) | strict | p vs base | flexible "
-             "| p vs base | other seeds (strict / flexible) |",
-             "| --- | --- | ---: | --- | --- | ---: | --- | ---: | --- |",
-             f"| base | - | 0 | - | {cell(base['strict'])} | | {cell(base['flexible'])} | | |"]
-    for m, b, lr, row, more in chosen(done, budgets, methods, lrs):
-        val = {x: done[(f"{m}-{b}-lr{x:g}-s0", "val")]["strict"]["acc"] for x in lrs}
-        grid = ", ".join(f"{x:g}: {val[x]:.0%}" for x in lrs)
-        p = {k: evaluation.compare(base["verdicts"], row["verdicts"], k)["p_value"]
-             for k in ("strict", "flexible")}
-        seeds = "; ".join(f"s{r['seed']}: {r['strict']['acc']:.1%} / {r['flexible']['acc']:.1%}"
-                          for r in more)
-        lines.append(f"| {m} | {b} | {row['params']} | **{lr:g}** ({grid}) | {cell(row['strict'])} "
-                     f"| {p['strict']:.2g} | {cell(row['flexible'])} | {p['flexible']:.2g} "
-                     f"| {seeds} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(done, budgets, methods, lrs, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    points, base = chosen(done, budgets, methods, lrs), done[("base", "test")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, k in zip(axes, ("strict", "flexible")):
-        ax.axhline(base[k]["acc"], ls="--", color="gray", label="base (v = 0)")
-        for m, color in zip(methods, ("C0", "C1", "C2")):
-            pts = sorted((row["params"], row[k]) for mm, _, _, row, _ in points if mm == m)
-            if pts:
-                x, y = [p for p, _ in pts], [s["acc"] for _, s in pts]
-                err = [[s["acc"] - s["ci95"][0] for _, s in pts],
-                       [s["ci95"][1] - s["acc"] for _, s in pts]]
-                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=color, label=m.upper())
-            more = [(r["params"], r[k]["acc"]) for mm, _, _, _, rs in points if mm == m for r in rs]
-            if more:
-                ax.scatter(*zip(*more), marker="x", color=color, label=f"{m.upper()}, other seeds")
-        ax.set_xscale("log")
-        ax.set_xlabel("trained parameters")
-        ax.set_title(f"held-out {k} accuracy (95% Wilson)")
-    axes[0].set_ylabel("accuracy")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def report(args, done):
-    text = table(done, args.budgets, args.methods, args.lrs)
+    """table.md and accuracy.png of this sweep (harness/rl_vs_sft.py)."""
+    cfg = json.load(open(os.path.join(args.out, "sweep.json")))
+    text = rl_vs_sft.table(done, cfg)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(text)
     print(text)
-    plot(done, args.budgets, args.methods, args.lrs, os.path.join(args.out, "accuracy.png"))
+    rl_vs_sft.plot([(done, cfg)], [os.path.basename(args.out)],
+                   os.path.join(args.out, "accuracy.png"))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from harness import sweep
+from harness import rl_vs_sft, sweep
 from harness.tests.fixtures import cli
 
 
@@ -16,7 +16,8 @@ def test_budget_flags_and_lr_choice():
             sweep.budget_flags(bad)
     done = {(f"rl-13-lr{lr:g}-s0", "val"): dict(strict=dict(acc=a))
             for lr, a in [(0.01, 0.4), (0.03, 0.5), (0.1, 0.5)]}
-    assert sweep.best_lr(done, "rl", "13", [0.1, 0.03, 0.01]) == 0.03
+    done[("rl-13-lr0.03-s1", "test")] = dict(seed=1)
+    assert rl_vs_sft.chosen(done, "13", "rl", [0.1, 0.03, 0.01]) == (0.03, {1: dict(seed=1)})
 
 
 @pytest.mark.slow
@@ -35,14 +36,14 @@ def test_sweep_smoke_on_a_tiny_model_runs_every_point_and_resumes(
         # LoRA-XS r = 1 untied: one scalar per module (2 layers × 7)
         for b, params in (("1", 1), ("xs1", 14)):
             assert all((f"{m}-{b}-lr{lr:g}-s0", "val") in names for lr in (0.01, 0.1))
-            lr = sweep.best_lr({k: r for r in rows for k in [(r["name"], r["split"])]}, m, b,
-                               [0.01, 0.1])
+            lr = rl_vs_sft.chosen({(r["name"], r["split"]): r for r in rows}, b, m, [0.01, 0.1])[0]
             test = [r for r in rows if (r["split"], r["method"], r["budget"]) == ("test", m, b)]
             assert sorted(r["seed"] for r in test) == ([0, 1] if b == "1" else [0])
             assert {r["lr"] for r in test} == {lr}
             assert test[0]["params"] == params and len(test[0]["verdicts"]) == test[0]["n"] == 6
     table = (out / "table.md").read_text()
-    assert table.count("\n| rl |") == 2 and table.count("\n| sft |") == 2
+    assert all(f"\n| {m} {b} |" in table for m in ("RL", "SFT") for b in ("1", "xs1"))
+    assert "\n| 1 | 1 |" in table and "\n| xs1 | 14 |" in table  # RL against SFT per budget
     assert (out / "accuracy.png").stat().st_size > 1000
     # a second run finds every evaluation on file and trains nothing
     p = cli("harness.sweep", *argv, timeout=900)
