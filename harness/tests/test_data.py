@@ -31,3 +31,16 @@ def test_transfer_set_differs_in_range_and_wording_and_keeps_arith_shots():
     assert not {r["question"] for r in rows} & {r["question"] for r in arith}
     wordings = {r["question"].split()[0] for r in rows}
     assert wordings >= {"What", "Add", "Subtract", "Compute"}
+
+
+def test_equation_account_counts_copied_answers_and_right_equations_by_hand():
+    problems = [dict(gold=g) for g in (5, 5, 5, 5, -1, 4, 9)]
+    replies = ["2 + 3 = 5.\n#### 5",          # right equation, reports it
+               "2 + 3 = 5.\n#### 2",          # right equation, copies another number
+               "2 + 3 = 6.\n#### 6",          # wrong equation, reports it
+               "#### 5",                      # no equation: neither
+               "3 - 4 = -1.\n#### 7",         # a negative result, copied over
+               "#### 4\n1 + 3 = 4",           # the equation after '####' does not count
+               "1 + 1 = 2, then 4 + 5 = 9."]  # the last equation is the one; no '####': not copied
+    assert data.equation_account(problems, replies) == dict(n=7, copied=2 / 7,
+                                                            right_equations=4 / 7)
