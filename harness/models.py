@@ -108,9 +108,10 @@ def eos_ids(model, tok):
     return sorted(i for i in ids if i is not None)
 
 
-def runtime(device, dtype, backend, dist_timeout, grad_checkpointing="off"):
+def runtime(device, dtype, backend, dist_timeout, grad_checkpointing="off", batch_invariant=False):
     """'auto' resolved: CUDA and bf16 with a GPU, vLLM when installed, activation checkpointing with
-    CUDA; torchrun's rank and world size (each rank on its own GPU). A namespace of all of it."""
+    CUDA; torchrun's rank and world size (each rank on its own GPU). A namespace of all of it.
+    batch_invariant: vLLM's batch-invariant mode asked for (refused without vLLM)."""
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype if dtype != "auto" else ("bfloat16" if dev == "cuda" else "float32")
     if backend == "auto":
@@ -120,6 +121,9 @@ def runtime(device, dtype, backend, dist_timeout, grad_checkpointing="off"):
             backend = "vllm"
         except ImportError:
             backend = "hf"
+    if batch_invariant and backend != "vllm":
+        raise ValueError("--batch-invariant is a mode of vLLM's kernels, and these rollouts use HF "
+                         "generate (--backend hf, or vLLM is not installed)")
     rank, world, dev = scale.init_distributed(dev, dist_timeout)
     ckpt = scale.use_checkpointing(grad_checkpointing, dev)
     return types.SimpleNamespace(device=dev, dtype=getattr(torch, dtype), backend=backend,

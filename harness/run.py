@@ -301,6 +301,23 @@ def sampler_logprobs(comps, C=None):
     return out
 
 
+def time_left(out, step, start, total, per_epoch):
+    """On the console, whether the run fits a booking: after this process's first step, the rest
+    at that step's pace; after each epoch, the rest at the epoch's mean pace (t_step, log.jsonl)."""
+    first = step == start + 1
+    if step >= total or not (first or step % per_epoch == 0):
+        return
+    rows = [r for r in read_jsonl(os.path.join(out, "log.jsonl")) if r["kind"] == "train"]
+    paces = [r["t_step"] for r in rows[-(1 if first else per_epoch):]]
+    pace = sum(paces) / len(paces)
+    left = (total - step) * pace
+    what = (f"step {step} took {pace:.1f} s (a first step can be slower)" if first
+            else f"epoch {step // per_epoch} done at {pace:.1f} s a step")
+    from tqdm import tqdm
+    tqdm.write(f"{what}: {total - step} steps left ≈ {int(left // 3600)} h "
+               f"{int(left % 3600 // 60):02d} min")
+
+
 def sample_text(step, reward, problem, comp):
     head = f"--- step {step} sample (reward {reward:.0f}, gold {problem['gold']:g}):"
     return f"{head}\n{comp['text']}\n---"

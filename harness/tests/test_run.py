@@ -63,3 +63,21 @@ def test_the_cpu_demo_keeps_the_optimisation_its_search_chose(monkeypatch):
     demo = tg.get_args(["--preset", "cpu-demo"])
     kept = (demo.grad_clip, demo.weight_decay, demo.shuffle, demo.dual_clip, demo.projections)
     assert kept == (1.0, 0.0, True, 0.0, "independent") and demo.warmup == 0.0
+
+
+def test_time_left_is_said_after_the_first_step_and_each_epoch_at_their_pace(tmp_path, capsys):
+    log = str(tmp_path / "log.jsonl")
+    run.append_jsonl(log, dict(kind="heldout", step=0))
+    said = []
+    for step in range(1, 349):  # 116 steps an epoch, 3 epochs; the first step slower
+        run.append_jsonl(log, dict(kind="train", step=step, t_step=40.0 if step == 1 else 30.0))
+        run.time_left(str(tmp_path), step, 0, 348, 116)
+        said += [(step, line) for line in capsys.readouterr().out.splitlines()]
+    # 347 × 40 s = 3 h 51 min; 232 × (40 + 115 × 30) / 116 s = 1 h 56 min; 116 × 30 s = 58 min
+    assert said == [
+        (1, "step 1 took 40.0 s (a first step can be slower): 347 steps left ≈ 3 h 51 min"),
+        (116, "epoch 1 done at 30.1 s a step: 232 steps left ≈ 1 h 56 min"),
+        (232, "epoch 2 done at 30.0 s a step: 116 steps left ≈ 0 h 58 min")]
+    run.append_jsonl(log, dict(kind="train", step=101, t_step=50.0))  # resumed at 100 elsewhere
+    run.time_left(str(tmp_path), 101, 100, 348, 116)  # its first step alone sets the pace
+    assert capsys.readouterr().out.startswith("step 101 took 50.0 s")
