@@ -590,3 +590,94 @@ def test_the_fingerprint_refuses_other_svd_factors_and_keeps_its_own(tmp_path):
         T.check_fingerprint(saved, T.fingerprint(other), good)
     L.V.copy_(V0)
     T.check_fingerprint(saved, T.fingerprint(other), good)
+
+
+# ---- many adapters in one batch: each row served by its own v ------------------------------------
+
+def saved_adapters(m, targets, plan, K, tmp):
+    """K adapters of one plan on m, v drawn at random, saved under tmp; their paths (None: the plan
+    is infeasible here)."""
+    paths = []
+    for k in range(K):
+        bank = adapt(m, targets, plan)
+        if bank is None:
+            return None
+        with torch.no_grad():
+            bank.v.copy_(torch.randn(bank.v.shape, generator=torch.Generator().manual_seed(k)))
+        paths.append(T.save_adapter(bank, str(tmp / f"a{k}.safetensors")))
+        T.remove_tinylora(m)
+    return paths
+
+
+@PROPERTY
+@given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_each_row_of_a_mixed_batch_is_its_adapter_alone_and_base_rows_are_the_base(
+        data, dtype, tmp_path_factory):
+    m, targets = data.draw(models())
+    m = m.to(dtype)
+    plan = dict(data.draw(plans(n_adapted(m, targets))), v_dtype=torch.float32)
+    K = data.draw(st.integers(1, 4))
+    paths = saved_adapters(m, targets, plan, K, tmp_path_factory.mktemp("k"))
+    if paths is None:
+        return
+    rows = torch.tensor(data.draw(st.lists(st.integers(0, K), min_size=1, max_size=6)))
+    x = tokens(data.draw(st.integers(0, 99)), shape=(len(rows), 5))
+    with torch.no_grad():
+        base = m(x).logits
+        alone = [base]
+        for p in paths:
+            T.load_adapter(m, p)
+            alone.append(m(x).logits)
+            T.remove_tinylora(m)
+        T.load_adapters(m, paths).rows = rows
+        mixed = m(x).logits
+    for i, k in enumerate(rows.tolist()):
+        if k == 0:  # index 0: v = 0, the base model to the bit
+            assert torch.equal(mixed[i], base[i])
+        else:  # the same math in another order: fp32 round-off, or bf16's
+            tol = 1e-5 if dtype == torch.float32 else 3e-2
+            scale = alone[k][i].float().abs().max().item()
+            assert (mixed[i].float() - alone[k][i].float()).abs().max() <= tol * (1 + scale)
+
+
+def test_a_batch_served_by_one_adapter_answers_as_that_adapter_greedily(tmp_path):
+    import rollout
+    m = tiny_model("qwen2", vocab=100, layers=2)
+    paths = saved_adapters(m, T.DEFAULT_TARGETS, dict(params=13), 3, tmp_path)
+    prompts = [tokens(s, vocab=100, shape=(1, n))[0].tolist() for s, n in ((1, 4), (2, 9), (3, 6))]
+
+    class Tok:
+        pad_token_id = 0
+        decode = staticmethod(lambda ids, skip_special_tokens=True: str(ids))
+    alone = []
+    for p in paths:
+        T.load_adapter(m, p)
+        alone.append(rollout.generate_hf(m, Tok, prompts, 1, 8, 0.0, [2]))
+        T.remove_tinylora(m)
+    bank = T.load_adapters(m, paths)
+    for k in (1, 2, 3):
+        bank.rows = torch.tensor([k] * 3)
+        assert [c["ids"] for c in rollout.generate_hf(m, Tok, prompts, 1, 8, 0.0, [2])] == [
+            c["ids"] for c in alone[k - 1]]
+    bank.rows = torch.tensor([3, 1, 2])  # and mixed: row i as its adapter alone
+    mixed = rollout.generate_hf(m, Tok, prompts, 1, 8, 0.0, [2])
+    assert [c["ids"] for c in mixed] == [alone[k - 1][i]["ids"] for i, k in enumerate((3, 1, 2))]
+    bank.rows = None  # back to training's forward: bank.v, the first file's
+    assert [c["ids"] for c in rollout.generate_hf(m, Tok, prompts, 1, 8, 0.0, [2])] == [
+        c["ids"] for c in alone[0]]
+
+
+def test_adapters_of_another_base_or_plan_are_refused_naming_the_file(tmp_path):
+    m = tiny_model("qwen2", vocab=300, layers=2)
+    ours = saved_adapters(m, T.DEFAULT_TARGETS, dict(params=13), 2, tmp_path)
+    (tmp_path / "seven").mkdir()
+    (seven,) = saved_adapters(m, T.DEFAULT_TARGETS, dict(params=7), 1, tmp_path / "seven")
+    other_base = tiny_model("qwen2", vocab=300, layers=2, seed=5)
+    bank = T.apply_tinylora(other_base, params=13)
+    stranger = T.save_adapter(bank, str(tmp_path / "stranger.safetensors"))
+    for bad, why in [(seven, r"seven/a0.safetensors: its plan differs from .*/a0.safetensors's "
+                             r"in \['group_sizes'\]"),
+                     (stranger, "stranger.safetensors: adapter was made for different base")]:
+        with pytest.raises(ValueError, match=why):
+            T.load_adapters(m, ours + [bad])
+        assert not any(isinstance(x, T.TinyLoRALinear) for x in m.modules())  # left clean

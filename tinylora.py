@@ -76,8 +76,8 @@ def P_fork(u, r, n):
     return torch.randn(u, r, r, generator=g) / math.sqrt(u)
 
 def R(v, P):
-    """R = Σᵢ vᵢ Pᵢ. v (u,), P (u, r, r) -> (r, r)."""
-    return torch.einsum("i,ijk->jk", v, P)
+    """R = Σᵢ vᵢ Pᵢ. v (u,) or one per row (b, u); P (u, r, r) -> (r, r) or (b, r, r)."""
+    return torch.einsum("...i,ijk->...jk", v, P)
 
 # ---- 2. The layer ----------------------------------------------------------------------------
 class TinyLoRALinear(nn.Module):
@@ -91,9 +91,15 @@ class TinyLoRALinear(nn.Module):
         object.__setattr__(self, "bank", bank)  # not a submodule: v is a parameter of the bank only
 
     def forward(self, x):  # x (..., in)
+        if self.bank.rows is not None:  # serving: row k of x uses adapter bank.rows[k]
+            return self.forward_rows(x, self.bank.vs[self.bank.rows, self.group].float())
         v = self.bank.v[self.group].float()  # (u,)
         B = ((self.U * self.S) @ R(v, self.P)).to(x.dtype)  # (out, r) = U Σ R, in fp32
         return self.base(x) + (x @ self.V.to(x.dtype)) @ B.T  # x Wᵀ + b + (x V)(U Σ R)ᵀ
+
+    def forward_rows(self, x, v):  # x (b, ..., in), v (b, u): each row its own R, V and U Σ shared
+        z = torch.einsum("b...i,bji->b...j", x @ self.V.to(x.dtype), R(v, self.P).to(x.dtype))
+        return self.base(x) + z @ (self.U * self.S).T.to(x.dtype)  # + ((x V) Rᵀ)(U Σ)ᵀ
 
 # ---- 3. The tying plan: which modules share a v --------------------------------------------
 def tile_sizes(n, n_tie):
@@ -219,6 +225,7 @@ class Bank(nn.Module):
         super().__init__()
         self.v = nn.Parameter(torch.zeros(len(groups), u, dtype=v_dtype))
         self.groups, self.config, self.layers = groups, config, {}
+        self.vs, self.rows = None, None  # serving: K adapters' v (K, groups, u), a row's index
 
     @torch.no_grad()
     def delta(self, name):
@@ -294,6 +301,28 @@ def read_adapter(path):
         raise ValueError(f"{path}: adapter format {got} is not the one this tinylora.py reads, "
                          f"{(FORMAT_VERSION, ORIENTATION)}")
     return v, meta
+
+def load_adapters(model, paths):
+    """Apply TinyLoRA as the first file records, then hold every file's v, stacked after the base
+    (index 0, v = 0) in bank.vs (1 + K, groups, u); bank.rows = (b,) indices, then each row of a
+    batch is served by its adapter. Every file must share the first's base, plan and P."""
+    bank = load_adapter(model, paths[0])
+    keys = ("r", "u", "tie", "n_tie", "group_sizes", "targets", "seed", "svd", "lora_xs",
+            "projections")
+    vs = [torch.zeros_like(bank.v.data, dtype=torch.float32)]
+    for path in paths:
+        v, c = read_adapter(path)
+        diff = [k for k in keys if c.get(k) != bank.config.get(k)]
+        try:
+            check_fingerprint(c["fingerprint"], bank.config["fingerprint"], path)
+            if diff or v.shape != bank.v.shape:
+                raise ValueError(f"{path}: its plan differs from {paths[0]}'s in {diff or 'v'}")
+        except ValueError:
+            remove_tinylora(model)
+            raise
+        vs.append(v.float())
+    bank.vs = torch.stack(vs).to(bank.v.device)
+    return bank
 
 def load_adapter(model, path):
     """Apply TinyLoRA to `model` as recorded in `path`, check the base's fingerprint, load v."""

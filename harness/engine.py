@@ -59,7 +59,7 @@ def vllm_env():
 
 
 def vllm_kwargs(folder, dtype, max_model_len, seed, gpu_memory_utilization, lora_rank=None,
-                tensor_parallel=1, rank=0, world=1):
+                tensor_parallel=1, rank=0, world=1, max_loras=1, max_cpu_loras=None):
     """Every argument LLM() gets (vLLM 0.32 EngineArgs names; tested against EngineArgs' fields).
     logprobs_mode: log-probs after the temperature, the distribution actually sampled (vLLM's
     default, raw_logprobs, is before it); enforce_eager on the CPU only (CUDA graphs survive a push,
@@ -74,10 +74,11 @@ def vllm_kwargs(folder, dtype, max_model_len, seed, gpu_memory_utilization, lora
         kw["block_size"] = 32  # prefix shorter than 128; 32 is its smallest (vllm/platforms/cpu.py)
     if world > 1:
         kw["distributed_executor_backend"] = "external_launcher"
-    if lora_rank is not None:  # one LoRA slot of the smallest rank vLLM 0.32 accepts that holds r
+    if lora_rank is not None:  # LoRA slots of the smallest rank vLLM 0.32 accepts that holds r
         ranks = (1, 8, 16, 32, 64, 128, 256, 320, 512)
         slot = min(k for k in ranks if k >= lora_rank)
-        kw.update(enable_lora=True, max_loras=1, max_lora_rank=slot)
+        kw.update(enable_lora=True, max_loras=max_loras, max_lora_rank=slot,
+                  max_cpu_loras=max(max_cpu_loras or max_loras, max_loras))
     return kw
 
 
@@ -126,9 +127,9 @@ def batch_invariant_env():
 
 
 def make_vllm(folder, dtype, max_model_len, seed, gpu_memory_utilization=0.4, lora_rank=None,
-              tensor_parallel=1, batch_invariant=False):
-    """An in-process engine on the HF folder; lora_rank: one LoRA slot of at least that rank. Says
-    how much its KV cache holds."""
+              tensor_parallel=1, batch_invariant=False, **lora_slots):
+    """An in-process engine on the HF folder; lora_rank: LoRA slots of at least that rank (one, or
+    lora_slots' max_loras, max_cpu_loras held in memory). Says how much its KV cache holds."""
     vllm_env()
     check_vllm_share(gpu_memory_utilization)
     if batch_invariant:
@@ -136,7 +137,7 @@ def make_vllm(folder, dtype, max_model_len, seed, gpu_memory_utilization=0.4, lo
     from vllm import LLM
     rank, world = rank_world()
     llm = LLM(**vllm_kwargs(folder, dtype, max_model_len, seed, gpu_memory_utilization, lora_rank,
-                            tensor_parallel, rank, world))
+                            tensor_parallel, rank, world, **lora_slots))
     if rank == 0:
         tokens = kv_tokens(llm)
         print(f"vLLM KV cache: {tokens:,} tokens = {tokens // max_model_len} samples of the full "

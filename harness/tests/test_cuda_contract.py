@@ -36,7 +36,7 @@ class FakeLLM:
     def __init__(self, model, *, dtype="auto", seed=0, max_model_len=None, enforce_eager=False,
                  logprobs_mode="raw_logprobs", gpu_memory_utilization=0.92, tensor_parallel_size=1,
                  distributed_executor_backend=None, enable_lora=False, max_loras=1,
-                 max_lora_rank=16, use_tqdm_on_load=True, block_size=None):
+                 max_cpu_loras=None, max_lora_rank=16, use_tqdm_on_load=True, block_size=None):
         self.kwargs = {k: v for k, v in locals().items() if k != "self"}
         self.env = dict(os.environ)
         self.requests, self.pushes, self.loras, self.resets, self.tensors = [], [], [], 0, []

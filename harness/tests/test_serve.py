@@ -1,0 +1,103 @@
+"""Specifications of harness/serve.py: a mixed batch answers each request as its adapter alone
+(greedy and sampled), and a bad input is refused in one line with nothing written. A tiny random
+model with the SmolLM2 tokenizer; CPU only, no network."""
+import json
+
+import pytest
+import torch
+
+import tinylora
+from harness import models, serve
+
+QUESTIONS = ["What is 2 + 5?", "What is 3 + 4?", "Compute 6 + 1.", "What is 1 + 6?"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_folder, tmp_path_factory):
+    """Three 13-scalar adapters of the tiny model, v large enough that each answers differently."""
+    model, _ = models.load_model(tiny_folder)
+    out, paths = tmp_path_factory.mktemp("adapters"), []
+    for k, name in enumerate(("terse", "chatty", "odd")):
+        bank = tinylora.apply_tinylora(model, params=13)
+        with torch.no_grad():
+            bank.v.normal_(0, 3.0, generator=torch.Generator().manual_seed(k))
+        paths.append(tinylora.save_adapter(bank, str(out / f"{name}.safetensors")))
+        tinylora.remove_tinylora(model)
+    return paths
+
+
+def served(tiny_folder, sevens_jsonl, adapters, tmp_path, requests, *extra):
+    (tmp_path / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
+    out = tmp_path / "out.jsonl"
+    serve.main(["--model", tiny_folder, "--adapters", *adapters, "--requests",
+                str(tmp_path / "req.jsonl"), "--out", str(out), "--data", sevens_jsonl,
+                "--max-new-tokens", "8", *extra])
+    return [json.loads(x) for x in open(out)]
+
+
+@pytest.mark.parametrize("temperature", ["0", "1"])
+def test_a_mixed_batch_answers_each_request_as_its_adapter_alone(
+        temperature, tiny_folder, sevens_jsonl, adapters, tmp_path):
+    names = ["base", "terse", "chatty", "odd", "2", "0"]
+    requests = [dict(adapter=a, question=q) for a in names for q in QUESTIONS]
+    mixed = served(tiny_folder, sevens_jsonl, adapters, tmp_path, requests, "--batch-size", "7",
+                   "--temperature", temperature)
+    alone = served(tiny_folder, sevens_jsonl, adapters, tmp_path, requests, "--batch-size", "1",
+                   "--temperature", temperature)
+    assert mixed == alone
+    by_adapter = {n: [r["reply"] for r in mixed if r["adapter"] == n] for n in names}
+    assert len({tuple(v) for v in by_adapter.values()}) >= 4  # they do answer differently
+    if temperature == "0":  # a name and its number are one adapter (sampled: each line its seed)
+        assert by_adapter["chatty"] == by_adapter["2"] and by_adapter["base"] == by_adapter["0"]
+
+
+@pytest.mark.parametrize("requests,why", [
+    ([], "no requests in it"),
+    ([dict(adapter="nobody", question="1 + 1?")], "line 1: needs 'adapter' .*terse, chatty, odd"),
+    ([dict(adapter=4, question="1 + 1?")], r"line 1: needs 'adapter' .*or 0\.\.3"),
+    ([dict(adapter="odd")], "line 1: .*one of 'question' or 'prompt'"),
+    ([dict(adapter="odd", question="q", prompt="p")], "one of 'question' or 'prompt'"),
+    ([dict(adapter="odd", prompt="")], "request 1: its prompt has 0 tokens"),
+])
+def test_a_bad_request_is_refused_in_one_line_and_nothing_is_written(
+        requests, why, tiny_folder, sevens_jsonl, adapters, tmp_path):
+    with pytest.raises(ValueError, match=why):
+        served(tiny_folder, sevens_jsonl, adapters, tmp_path, requests)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_bad_adapter_files_are_refused_in_one_line_naming_the_file(
+        tiny_folder, sevens_jsonl, adapters, tmp_path):
+    good = [dict(adapter="base", question="What is 2 + 5?")]
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(open(adapters[0], "rb").read()[:-9])
+    for files, why in [([adapters[0], adapters[0]], "two files are named 'terse'"),
+                       ([str(tmp_path / "gone.safetensors")], "gone.safetensors is not a readable"),
+                       ([adapters[0], str(truncated)], "cut.safetensors is not a readable")]:
+        with pytest.raises(ValueError, match=why):
+            served(tiny_folder, sevens_jsonl, files, tmp_path, good)
+        assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_check_alone_and_the_per_adapter_account(tiny_folder, sevens_jsonl, adapters, tmp_path,
+                                                 capsys):
+    requests = [dict(adapter=a, question=q, gold=7) for q in QUESTIONS for a in ("odd", "base")]
+    served(tiny_folder, sevens_jsonl, adapters, tmp_path, requests, "--batch-size", "3",
+           "--check-alone")
+    out = capsys.readouterr().out
+    assert "8 of 8 replies are the ones each adapter gives served alone" in out
+    # a random model never writes '#### 7': strict 0 and nothing to copy
+    assert "  odd: 4 requests, strict 0.0%, '####' not the equation's result 0.0%" in out
+    assert "  base: 4 requests, strict 0.0%" in out
+
+
+def test_the_per_adapter_account_by_hand():
+    requests = [(1, dict(adapter="a", gold=5)), (0, dict(adapter="base", gold=5)),
+                (1, dict(adapter="a", gold=4)), (0, dict(adapter="base", prompt="hi"))]
+    rows = [dict(reply="2 + 3 = 5.\n#### 5", finished=True),
+            dict(reply="2 + 3 = 5.\n#### 2", finished=True),
+            dict(reply="1 + 3 = 4.\n#### 4", finished=False),  # cut off: not right under strict
+            dict(reply="hello", finished=True)]
+    assert serve.per_adapter(requests, rows) == (
+        "  a: 2 requests, strict 50.0%, '####' not the equation's result 0.0%\n"
+        "  base: 2 requests")  # one of base's requests has no gold: no accuracy
