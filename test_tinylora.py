@@ -672,11 +672,15 @@ def test_adapters_of_another_base_or_plan_are_refused_naming_the_file(tmp_path):
     ours = saved_adapters(m, T.DEFAULT_TARGETS, dict(params=13), 2, tmp_path)
     (tmp_path / "seven").mkdir()
     (seven,) = saved_adapters(m, T.DEFAULT_TARGETS, dict(params=7), 1, tmp_path / "seven")
+    (tmp_path / "fork").mkdir()  # the same v's shape and base, another P: as wrong
+    (fork,) = saved_adapters(m, T.DEFAULT_TARGETS, dict(params=13, projections="fork"), 1,
+                             tmp_path / "fork")
     other_base = tiny_model("qwen2", vocab=300, layers=2, seed=5)
     bank = T.apply_tinylora(other_base, params=13)
     stranger = T.save_adapter(bank, str(tmp_path / "stranger.safetensors"))
     for bad, why in [(seven, r"seven/a0.safetensors: its plan differs from .*/a0.safetensors's "
                              r"in \['group_sizes'\]"),
+                     (fork, r"fork/a0.safetensors: its plan differs .* in \['projections'\]"),
                      (stranger, "stranger.safetensors: adapter was made for different base")]:
         with pytest.raises(ValueError, match=why):
             T.load_adapters(m, ours + [bad])

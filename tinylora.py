@@ -5,7 +5,9 @@ W ≈ U Σ Vᵀ, fixed random P₁…P_u (r×r) and a tiny trainable v ∈ ℝ�
 
     R = Σᵢ vᵢPᵢ     ΔW = U Σ R Vᵀ     y = x Wᵀ + (x V)(U Σ R)ᵀ     bank = apply_tinylora(model)
 
-Sections: math, layer, tying plan, apply/remove, bank, adapter file. Where the paper is silent:
+Sections: math, layer, tying plan, apply/remove, bank, adapter file. Many adapters of one base in
+one batch: bank = load_adapters(model, paths); bank.rows = (b,) indices (0: the base); row k then
+gets its own R_k between the projections V and U Σ the batch shares. Where the paper is silent:
  1. ΔW = U Σ R Vᵀ in forward and merge alike (the author's fork forwards with Rᵀ but merges with R;
     PEFT uses U √Σ R √Σ Vᵀ). No extra α: with Adam the learning rate alone sets how fast R moves.
  2. P ~ N(0, 1)/√u per module, from a CPU generator keyed by sha256(seed, module name); or "fork":
