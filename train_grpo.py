@@ -235,6 +235,13 @@ def policy_update(model, opt, ro, lrs, hp):
     return (lp if old_lp is None else old_lp), stats
 
 # ---- main: the build, then the loop -------------------------------------------------------------
+def make_generator(args, rt, model, tok, bank):
+    """The rollout engine the flags ask for: vLLM in-process on W0 + ΔW, or HF generate."""
+    return rollout.make_generator(
+        rt.backend, model, tok, bank, args.model, args.out, args.max_prompt + args.max_new_tokens,
+        args.seed, gpu_memory_utilization=args.gpu_memory_utilization, sync=args.sync,
+        tensor_parallel=args.tensor_parallel, batch_invariant=args.batch_invariant)
+
 def main(argv=None, loaded=None):
     """Train. loaded: (model, tok, generator) built once for many runs (harness/sweep.py)."""
     args = get_args(argv)  # the flags over a preset or the resumed run's config.json
@@ -249,10 +256,7 @@ def main(argv=None, loaded=None):
     run.start(args, rt, bank, rows, train)  # the plan, the data, config.json
     opt = torch.optim.AdamW([bank.v], lr=args.lr, betas=tuple(args.betas),
                             weight_decay=args.weight_decay)
-    generator = loaded[2] if loaded else rollout.make_generator(
-        rt.backend, model, tok, bank, args.model, args.out, args.max_prompt + args.max_new_tokens,
-        args.seed, gpu_memory_utilization=args.gpu_memory_utilization, sync=args.sync,
-        tensor_parallel=args.tensor_parallel, batch_invariant=args.batch_invariant)
+    generator = loaded[2] if loaded else make_generator(args, rt, model, tok, bank)
     start, opt_steps = run.resume(args, bank, opt)  # from RUN_DIR's checkpoint, else (0, 0)
 
     total_steps = args.steps or args.epochs * (len(train) // args.batch_prompts)

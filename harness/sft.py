@@ -24,7 +24,6 @@ import time
 import torch
 from tqdm import tqdm
 
-import rollout
 import task
 import tinylora
 import train_grpo as tg
@@ -81,10 +80,7 @@ def main(argv=None, loaded=None):
     run.start(args, rt, bank, rows, train)
     opt = torch.optim.AdamW([bank.v], lr=args.lr, betas=tuple(args.betas),
                             weight_decay=args.weight_decay)
-    generator = loaded[2] if loaded else rollout.make_generator(
-        rt.backend, model, tok, bank, args.model, args.out, args.max_prompt + args.max_new_tokens,
-        args.seed, gpu_memory_utilization=args.gpu_memory_utilization, sync=args.sync,
-        tensor_parallel=args.tensor_parallel, batch_invariant=args.batch_invariant)
+    generator = loaded[2] if loaded else tg.make_generator(args, rt, model, tok, bank)
     start, opt_steps = run.resume(args, bank, opt)
     total_steps = args.steps or args.epochs * (len(train) // args.batch_prompts)
     eos = tok.eos_token_id if tok.eos_token_id is not None else models.eos_ids(model, tok)[0]
