@@ -8,6 +8,7 @@ import torch
 
 import tinylora
 from harness import models, serve
+from harness.tests.fixtures import vllm_or_skip
 
 QUESTIONS = ["What is 2 + 5?", "What is 3 + 4?", "Compute 6 + 1.", "What is 1 + 6?"]
 
@@ -101,3 +102,28 @@ def test_the_per_adapter_account_by_hand():
     assert serve.per_adapter(requests, rows) == (
         "  a: 2 requests, strict 50.0%, '####' not the equation's result 0.0%\n"
         "  base: 2 requests")  # one of base's requests has no gold: no accuracy
+
+
+@pytest.mark.slow
+def test_vllm_multi_lora_answers_the_mixed_requests_as_hf_does(tiny_folder, sevens_jsonl, adapters,
+                                                              tmp_path):
+    """The comparison route: each adapter exported as its exact rank-r LoRA, one LoRARequest per
+    request, up to 4 in one batch; fp32 greedy replies as HF's on the per-row forward."""
+    vllm_or_skip()
+    requests = [dict(adapter=a, question=q) for q in QUESTIONS
+                for a in ("base", "terse", "chatty", "odd")]
+    hf = served(tiny_folder, sevens_jsonl, adapters, tmp_path, requests, "--batch-size", "16")
+    vllm = served(tiny_folder, sevens_jsonl, adapters, tmp_path, requests, "--engine", "vllm",
+                  "--max-loras", "4")
+    assert [r["reply"] for r in vllm] == [r["reply"] for r in hf]
+
+
+@pytest.mark.slow
+def test_the_serving_benchmark_measures_every_comparison(tiny_folder, capsys):
+    vllm_or_skip()
+    res = serve.benchmark(tiny_folder, Ks=(1, 4), n=4, max_new=2, max_loras=4)
+    for who, keys in (("ours", ["base", "mixed_1", "mixed_4", "sequential_4"]),
+                      ("peft", ["mixed_1", "mixed_4"]), ("vllm", ["base", "mixed_4"])):
+        assert all(res[who][k] > 0 for k in keys), (who, res[who])
+    assert res["ours"]["bytes_per_adapter"] == 13 * 4
+    assert "| 4 | " in capsys.readouterr().out
