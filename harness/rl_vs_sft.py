@@ -88,13 +88,31 @@ def method_row(done, b, m, lrs, base, problems):
             f"| {learned} |")
 
 
+def verdict(pr, mean_rl, mean_sft, alpha=0.05):
+    """The declared rule (docs/results.md): a method beats the other when its mean is higher, the
+    pooled p < alpha and every seed agrees; otherwise the two are not distinguished."""
+    n = len(pr["seeds"])
+    if pr["pooled_p"] < alpha and mean_rl > mean_sft and pr["a_wins"] == n:
+        return "RL beats SFT"
+    if pr["pooled_p"] < alpha and mean_sft > mean_rl and pr["b_wins"] == n:
+        return "SFT beats RL"
+    return "not distinguished"
+
+
+def contrast_holds(verdicts):
+    """The paper's contrast on one prompt, from {params: verdict}: RL beats SFT at 13 parameters or
+    fewer, and SFT does not beat RL there."""
+    small = [v for n, v in verdicts.items() if n <= 13]
+    return "RL beats SFT" in small and "SFT beats RL" not in small
+
+
 def contrast_row(b, rl, sft):
-    """A row of the RL-against-SFT table at one budget."""
-    pr = paired(rl, sft)
+    """(a row of the RL-against-SFT table at one budget, its verdict)."""
+    pr, m_rl, m_sft = paired(rl, sft), spread(rl)[0], spread(sft)[0]
     per = ", ".join(f"{a}/{c} ({p:.2g})" for _, a, c, p in pr["seeds"])
-    return (f"| {b} | {next(iter(rl.values()))['params']} | {pct(spread(rl)[0])} | "
-            f"{pct(spread(sft)[0])} | {per} | {pr['pooled_p']:.2g} | {pr['a_wins']} / "
-            f"{pr['b_wins']} |")
+    v = verdict(pr, m_rl, m_sft)
+    return (f"| {b} | {next(iter(rl.values()))['params']} | {pct(m_rl)} | {pct(m_sft)} | {per} | "
+            f"{pr['pooled_p']:.2g} | {pr['a_wins']} / {pr['b_wins']} | {v} |"), v
 
 
 def table(done, cfg, label=""):
@@ -108,13 +126,20 @@ def table(done, cfg, label=""):
              "equations |", "| --- | ---: | --- | --- | --- | --- | ---: | ---: |",
              f"| base | 0 | | {pct(base['strict']['acc'])} | | | {learned} |"]
     contrast = ["", f"| {label} RL vs SFT | params | RL | SFT | RL-only / SFT-only right per seed "
-                "(McNemar p) | pooled p | seeds RL > SFT / < |",
-                "| --- | ---: | --- | --- | --- | ---: | --- |"]
+                "(McNemar p) | pooled p | seeds RL > SFT / < | verdict |",
+                "| --- | ---: | --- | --- | --- | ---: | --- | --- |"]
+    verdicts = {}
     for b in cfg["budgets"]:
         rows = {m: chosen(done, b, m, lrs)[1] for m in cfg["methods"]}
         lines += [method_row(done, b, m, lrs, base, problems) for m in rows if rows[m]]
         if rows.get("rl") and rows.get("sft"):
-            contrast.append(contrast_row(b, rows["rl"], rows["sft"]))
+            row, v = contrast_row(b, rows["rl"], rows["sft"])
+            contrast.append(row)
+            verdicts[next(iter(rows["rl"].values()))["params"]] = v
+    if verdicts:
+        contrast.append(f"\nThe paper's contrast (RL beats SFT at ≤ 13 parameters, SFT does not "
+                        f"beat RL there){f' on {label}' if label else ''}: "
+                        f"{'holds' if contrast_holds(verdicts) else 'does not hold'}.")
     return "\n".join(lines + contrast) + "\n"
 
 

@@ -55,10 +55,41 @@ def test_accounts_average_the_equation_account_over_seeds():
 
 
 def test_contrast_row_reports_rl_against_sft_per_seed_and_pooled():
-    line = rl_vs_sft.contrast_row("13", rows([T, T, T, F], [T, T, F, F]),
-                                  rows([F, F, T, F], [T, F, F, T]))
+    line, verdict = rl_vs_sft.contrast_row("13", rows([T, T, T, F], [T, T, F, F]),
+                                           rows([F, F, T, F], [T, F, F, T]))
     # seed 0: 2 RL-only, 0 SFT-only; seed 1: 1 and 1; pooled 3 / 1
-    assert line == "| 13 | 13 | 62.5% | 37.5% | 2/0 (0.5), 1/1 (1) | 0.62 | 1 / 0 |"
+    assert line == ("| 13 | 13 | 62.5% | 37.5% | 2/0 (0.5), 1/1 (1) | 0.62 | 1 / 0 "
+                    "| not distinguished |")
+    assert verdict == "not distinguished"
+
+
+def counts(seeds, pooled_p):
+    """paired()'s result for per-seed (a_only, b_only) counts and a given pooled p."""
+    return dict(seeds=[(s, a, b, 1.0) for s, (a, b) in enumerate(seeds)], pooled_p=pooled_p,
+                a_wins=sum(a > b for a, b in seeds), b_wins=sum(a < b for a, b in seeds))
+
+
+def test_a_method_beats_the_other_only_with_a_higher_mean_pooled_p_below_005_and_every_seed():
+    win = counts([(9, 2), (8, 3), (7, 1)], 1e-4)
+    assert rl_vs_sft.verdict(win, 0.40, 0.30) == "RL beats SFT"
+    assert rl_vs_sft.verdict(counts([(2, 9), (3, 8), (1, 7)], 1e-4), 0.3, 0.4) == "SFT beats RL"
+    assert rl_vs_sft.verdict(counts([(9, 2), (8, 3), (7, 1)], 0.05), 0.4, 0.3) == \
+        "not distinguished"  # p = alpha is not below it
+    assert rl_vs_sft.verdict(counts([(9, 2), (8, 3), (1, 7)], 1e-4), 0.4, 0.3) == \
+        "not distinguished"  # two seeds of three
+    assert rl_vs_sft.verdict(counts([(9, 2), (8, 3), (3, 3)], 1e-4), 0.4, 0.3) == \
+        "not distinguished"  # a tie is not a win
+    assert rl_vs_sft.verdict(counts([(2, 9), (3, 8), (7, 1)], 1e-4), 0.3, 0.4) == \
+        "not distinguished"  # SFT's side: two seeds of three
+    assert rl_vs_sft.verdict(win, 0.30, 0.40) == "not distinguished"  # the declared mean clause
+
+
+def test_the_papers_contrast_holds_when_rl_beats_sft_at_13_or_fewer_and_sft_never_does_there():
+    assert rl_vs_sft.contrast_holds({1: "not distinguished", 13: "RL beats SFT",
+                                     210: "SFT beats RL"})
+    assert not rl_vs_sft.contrast_holds({13: "not distinguished", 210: "SFT beats RL"})
+    assert not rl_vs_sft.contrast_holds({1: "SFT beats RL", 13: "RL beats SFT"})
+    assert not rl_vs_sft.contrast_holds({13: "not distinguished", 52: "RL beats SFT"})
 
 
 def test_the_report_of_two_sweeps_has_a_table_each_and_one_figure(tmp_path):
@@ -67,7 +98,9 @@ def test_the_report_of_two_sweeps_has_a_table_each_and_one_figure(tmp_path):
     text = (tmp_path / "table.md").read_text()
     assert text.count("| a RL vs SFT |") == text.count("| b RL vs SFT |") == 1
     # its 210-parameter contrast, seed 0: 11 RL-only against 35 SFT-only right answers
-    assert "| 210 | 210 | 45.5% | 57.5% | 11/35 (0.00054) | 0.00054 | 0 / 1 |" in text
+    assert ("| 210 | 210 | 45.5% | 57.5% | 11/35 (0.00054) | 0.00054 | 0 / 1 | SFT beats RL |"
+            in text)
+    assert text.count("The paper's contrast") == 2 and "on a: does not hold" in text
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
 
 
