@@ -180,6 +180,19 @@ def per_adapter(requests, rows):
     return "\n".join(lines)
 
 
+def example(requests, rows):
+    """Lines showing the first question (or prompt) asked of several adapters whose replies differ
+    among them, '' when there is none."""
+    asked = {}
+    for (_, r), out in zip(requests, rows):
+        text = r.get("question", r.get("prompt"))
+        asked.setdefault(text, []).append((r["adapter"], out["reply"]))
+    for text, replies in asked.items():
+        if len({reply for _, reply in replies}) > 1:
+            return "\n".join([f"e.g. {text!r}"] + [f"  {a}: {reply!r}" for a, reply in replies])
+    return ""
+
+
 def main(argv=None):
     args = get_args(argv)
     index = adapter_index(args.adapters)
@@ -203,7 +216,7 @@ def main(argv=None):
     print(f"served {len(rows)} requests in mixed batches of {args.batch_size}, {len(bank.vs) - 1} "
           f"adapters held ({bank.v.numel() * 4} bytes each in fp32), in {seconds:.1f} s: "
           f"{len(rows) / seconds:.2f} requests/s, {tokens / seconds:.1f} new tokens/s\n"
-          f"{per_adapter(requests, rows)}\nreplies: {args.out}")
+          f"{per_adapter(requests, rows)}\n{example(requests, rows)}\nreplies: {args.out}")
     return rows
 
 

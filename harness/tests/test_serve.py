@@ -104,6 +104,15 @@ def test_the_per_adapter_account_by_hand():
         "  base: 2 requests")  # one of base's requests has no gold: no accuracy
 
 
+def test_the_example_is_the_first_question_whose_adapters_reply_differently():
+    requests = [(1, dict(adapter="a", prompt="p1")), (0, dict(adapter="base", prompt="p2")),
+                (0, dict(adapter="base", question="q1")), (1, dict(adapter="a", question="q1")),
+                (0, dict(adapter="base", question="q2")), (1, dict(adapter="a", question="q2"))]
+    rows = [dict(reply=r) for r in ("one", "another", "same", "same", "x", "y")]
+    assert serve.example(requests, rows) == "e.g. 'q2'\n  base: 'x'\n  a: 'y'"
+    assert serve.example(requests[:4], rows[:4]) == ""  # each asked once, or answered alike
+
+
 @pytest.mark.slow
 def test_vllm_multi_lora_answers_the_mixed_requests_as_hf_does(tiny_folder, sevens_jsonl, adapters,
                                                               tmp_path):
