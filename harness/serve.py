@@ -55,6 +55,8 @@ def get_args(argv=None):
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
         raise ValueError(f"--batch-size and --max-new-tokens must be >= 1, --temperature >= 0; "
                          f"got {args.batch_size}, {args.max_new_tokens}, {args.temperature}")
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a folder; name the replies file")
     return args
 
 
@@ -201,6 +203,7 @@ def main(argv=None):
     bank = tinylora.load_adapters(model, args.adapters)
     ids = prompt_ids(tok, [r for _, r in requests], args.data, args.shots, args.max_prompt)
     ks = [k for k, _ in requests]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # before the work
     comps, seconds = answer(args, model, tok, bank, in_batches(ks, ids, args.batch_size))
     rows = [dict(adapter=r["adapter"], reply=c["text"], tokens=len(c["ids"]),
                  finished=c["finished"]) for (_, r), c in zip(requests, comps)]

@@ -67,6 +67,17 @@ def test_a_bad_request_is_refused_in_one_line_and_nothing_is_written(
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_the_replies_go_into_a_new_folder_and_a_folder_as_out_is_refused(
+        tiny_folder, sevens_jsonl, adapters, tmp_path):
+    (tmp_path / "req.jsonl").write_text(json.dumps(dict(adapter="terse", question="q")) + "\n")
+    argv = ["--model", tiny_folder, "--adapters", *adapters, "--requests",
+            str(tmp_path / "req.jsonl"), "--data", sevens_jsonl, "--max-new-tokens", "2", "--out"]
+    serve.main(argv + [str(tmp_path / "new" / "out.jsonl")])
+    assert len(open(tmp_path / "new" / "out.jsonl").readlines()) == 1
+    with pytest.raises(ValueError, match="is a folder; name the replies file"):
+        serve.main(argv + [str(tmp_path / "new")])
+
+
 def test_bad_adapter_files_are_refused_in_one_line_naming_the_file(
         tiny_folder, sevens_jsonl, adapters, tmp_path):
     good = [dict(adapter="base", question="What is 2 + 5?")]
