@@ -1,6 +1,7 @@
 """Specifications of tinylora.py, proven as properties over random tiny models (CPU, no network):
 (a) zero-init is bit-exact, (b) the model trains exactly the requested scalars, (c) the math.
 Run: pytest -q test_tinylora.py"""
+import json
 import math
 import os
 
@@ -665,6 +666,20 @@ def test_a_batch_served_by_one_adapter_answers_as_that_adapter_greedily(tmp_path
     bank.rows = None  # back to training's forward: bank.v, the first file's
     assert [c["ids"] for c in rollout.generate_hf(m, Tok, prompts, 1, 8, 0.0, [2])] == [
         c["ids"] for c in alone[0]]
+
+
+def test_a_file_written_before_projections_were_recorded_loads_alone_and_among_others(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    m = tiny_model("qwen2", vocab=300, layers=2)
+    new, old = saved_adapters(m, T.DEFAULT_TARGETS, dict(params=13), 2, tmp_path)
+    with safe_open(old, framework="pt") as f:
+        v, meta = f.get_tensor("v"), json.loads(f.metadata()["tinylora"])
+    del meta["projections"]  # as files were written before --projections (P: independent)
+    save_file({"v": v}, old, metadata={"tinylora": json.dumps(meta)})
+    assert T.load_adapter(m, old).config["projections"] == "independent"
+    T.remove_tinylora(m)
+    assert torch.equal(T.load_adapters(m, [new, old]).vs[2], v)
 
 
 def test_adapters_of_another_base_or_plan_are_refused_naming_the_file(tmp_path):

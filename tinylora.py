@@ -244,6 +244,8 @@ class Bank(nn.Module):
 # ---- 6. The adapter file: v + JSON metadata in a safetensors header, never pickled ----------
 FORMAT_VERSION = 1
 ORIENTATION = "dW = U diag(S) R V^T, R = sum_i v_i P_i"
+PLAN_KEYS = ("r", "u", "tie", "n_tie", "group_sizes", "targets", "seed", "svd", "lora_xs",
+             "projections")  # what a saved v needs to mean the same ΔW (with the fingerprint)
 SIGMA_RTOL = 2e-3  # fingerprint: bf16 vs fp32 weights and the SVD method move σ₁ by < 1e-4
 FACTOR_ATOL = 2e-3  # factor probes: fp32 round-off moves them ~1e-5; a 1e-2 change of U or V, ~1e-2
 
@@ -302,19 +304,21 @@ def read_adapter(path):
     if got != (FORMAT_VERSION, ORIENTATION):
         raise ValueError(f"{path}: adapter format {got} is not the one this tinylora.py reads, "
                          f"{(FORMAT_VERSION, ORIENTATION)}")
-    return v, meta
+    return v, saved_config(meta)
+
+def saved_config(meta):
+    """A file's adapter metadata; one written before --projections drew P independently."""
+    return dict(meta, projections=meta.get("projections", "independent"))
 
 def load_adapters(model, paths):
     """Apply TinyLoRA as the first file records, then hold every file's v, stacked after the base
     (index 0, v = 0) in bank.vs (1 + K, groups, u); bank.rows = (b,) indices, then each row of a
     batch is served by its adapter. Every file must share the first's base, plan and P."""
     bank = load_adapter(model, paths[0])
-    keys = ("r", "u", "tie", "n_tie", "group_sizes", "targets", "seed", "svd", "lora_xs",
-            "projections")
     vs = [torch.zeros_like(bank.v.data, dtype=torch.float32)]
     for path in paths:
         v, c = read_adapter(path)
-        diff = [k for k in keys if c.get(k) != bank.config.get(k)]
+        diff = [k for k in PLAN_KEYS if c.get(k) != bank.config.get(k)]
         try:
             check_fingerprint(c["fingerprint"], bank.config["fingerprint"], path)
             if diff or v.shape != bank.v.shape:
@@ -334,7 +338,7 @@ def load_adapter(model, path):
             else dict(u=c["u"], n_tie=c["n_tie"]))
     bank = apply_tinylora(model, r=c["r"], tie=c["tie"], targets=c["targets"], seed=c["seed"],
                           svd=c["svd"], lora_xs=c["lora_xs"], v_dtype=v.dtype,
-                          projections=c.get("projections", "independent"), **plan)
+                          projections=c["projections"], **plan)
     try:
         check_fingerprint(c["fingerprint"], bank.config["fingerprint"], path)
         if c.get("group_sizes", bank.config["group_sizes"]) != bank.config["group_sizes"]:

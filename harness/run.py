@@ -41,7 +41,6 @@ PRESETS = {
 # cpu-sweep: what docs/results.md's RL-vs-SFT sweep ran (2 shots, 12 steps, micro-batches of 8)
 PRESETS["cpu-sweep"] = dict(PRESETS["cpu-demo"], shots=2, steps=12, lr=1e-2, micro_batch=8,
                             out="runs/cpu-sweep")
-PLAN_KEYS = ("r", "u", "tie", "seed", "svd", "lora_xs", "group_sizes", "projections")
 
 
 # ---- The config ----------------------------------------------------------------------------
@@ -225,11 +224,12 @@ def load_checkpoint(path, bank, opt):
     except Exception as e:  # safetensors raises its own types for truncation and corruption
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})")
     tinylora.check_fingerprint(meta["tinylora"]["fingerprint"], bank.config["fingerprint"], path)
-    ours = {k: bank.config.get(k) for k in PLAN_KEYS}
+    keys, saved = tinylora.PLAN_KEYS, tinylora.saved_config(meta["tinylora"])
+    ours = {k: bank.config.get(k) for k in keys}
     # files written before group_sizes was recorded are checked on the rest
-    theirs = {k: meta["tinylora"].get(k, ours[k]) for k in PLAN_KEYS}
+    theirs = {k: saved.get(k, ours[k]) for k in keys}
     if theirs != ours:
-        diff = {k: (theirs[k], ours[k]) for k in PLAN_KEYS if theirs[k] != ours[k]}
+        diff = {k: (theirs[k], ours[k]) for k in keys if theirs[k] != ours[k]}
         raise ValueError(f"{path}: the checkpoint's adapter plan differs from this run's "
                          f"(saved, now): {diff}")
     with torch.no_grad():

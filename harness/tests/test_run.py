@@ -3,6 +3,7 @@ back to its checkpoint), the log's account of a run. CPU only, no network."""
 import json
 import sys
 
+import pytest
 import torch
 
 import train_grpo as tg
@@ -81,3 +82,26 @@ def test_time_left_is_said_after_the_first_step_and_each_epoch_at_their_pace(tmp
     run.append_jsonl(log, dict(kind="train", step=101, t_step=50.0))  # resumed at 100 elsewhere
     run.time_left(str(tmp_path), 101, 100, 348, 116)  # its first step alone sets the pace
     assert capsys.readouterr().out.startswith("step 101 took 50.0 s")
+
+
+def test_a_checkpoint_written_before_projections_were_recorded_resumes_only_under_independent_P(
+        tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import tinylora
+    from harness.tests.fixtures import tiny_model
+    m = tiny_model("qwen2", vocab=300, layers=2)
+    bank = tinylora.apply_tinylora(m, params=13, projections="independent")
+    opt = torch.optim.AdamW([bank.v])
+    path = str(tmp_path / "checkpoint.safetensors")
+    run.save_checkpoint(path, bank, opt, 3, 3, {})
+    with safe_open(path, framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["trainer"])
+    del meta["tinylora"]["projections"]  # as checkpoints were written before --projections
+    save_file(tensors, path, metadata={"trainer": json.dumps(meta)})
+    assert run.load_checkpoint(path, bank, opt) == (3, 3)
+    tinylora.remove_tinylora(m)
+    fork = tinylora.apply_tinylora(m, params=13, projections="fork")
+    with pytest.raises(ValueError, match=r"'projections': \('independent', 'fork'\)"):
+        run.load_checkpoint(path, fork, torch.optim.AdamW([fork.v]))
