@@ -127,12 +127,8 @@ def serve_vllm(model, tok, bank, args, batches):
     """The same batches on vLLM's multi-LoRA: adapter k as the LoRA of its v (index 0: none)."""
     from vllm.lora.request import LoRARequest
     work = os.path.join(os.path.dirname(os.path.abspath(args.out)), "serve_vllm")
-    loras = [None]
-    for k in range(1, len(bank.vs)):
-        with torch.no_grad():
-            bank.v.copy_(bank.vs[k])
-        folder = export.write_lora(bank, os.path.join(work, f"lora{k}"), args.model)
-        loras.append(LoRARequest(f"adapter{k}", k, folder))
+    folders = lora_folders(bank, bank.vs, range(1, len(bank.vs)), work, args.model)
+    loras = [None] + [LoRARequest(f"adapter{k}", k, folders[k]) for k in folders]
     llm = engine.make_vllm(engine.hf_folder(model, tok, bank, args.model, work),
                            str(model.dtype).replace("torch.", ""),
                            args.max_prompt + args.max_new_tokens, args.seed,
@@ -278,24 +274,29 @@ def bench_ours(model, tok, prompts, Ks, max_new):
     return out, bank
 
 
-def lora_folders(bank, K, ks, work):
-    """{k: folder} of the adapters the requests name, each its exact rank-r LoRA (PEFT's format)."""
-    vs, out = random_vs(K, bank.v.shape), {}
-    for k in dict.fromkeys(ks):
+def lora_folders(bank, vs, ks, work, base_model=None):
+    """{k: folder under work} for adapters ks, rows of vs (K', groups, u), each written as its exact
+    rank-r LoRA (PEFT's format, which vLLM reads); bank.v is left as it was."""
+    keep, out = bank.v.detach().clone(), {}
+    try:
+        for k in ks:
+            with torch.no_grad():
+                bank.v.copy_(vs[k])
+            out[k] = export.write_lora(bank, os.path.join(work, f"lora{k}"), base_model)
+    finally:
         with torch.no_grad():
-            bank.v.copy_(vs[k])
-        out[k] = export.write_lora(bank, os.path.join(work, f"K{K}", f"lora{k}"))
+            bank.v.copy_(keep)
     return out
 
 
-def bench_peft(model, tok, prompts, bank, Ks, max_new, work):
+def bench_peft(model, tok, prompts, loras, max_new):
     """PEFT's LoRA mixed batch (adapter_names=) on the same requests: tokens/s per K, load seconds,
-    bytes per adapter. PEFT loads the adapters the batch names (its forward loops over them)."""
+    bytes per adapter. loras: {K: {k: folder}}; PEFT loads the adapters the batch names (its
+    forward loops over them)."""
     from peft import PeftModel
     out = {}
-    for K in Ks:
+    for K, folders in loras.items():
         ks = rows_of(K, len(prompts))
-        folders = lora_folders(bank, K, ks, work)
         t0 = time.time()
         first, *rest = folders
         peft = PeftModel.from_pretrained(model, folders[first], adapter_name=f"a{first}")
@@ -311,13 +312,13 @@ def bench_peft(model, tok, prompts, bank, Ks, max_new, work):
     return out
 
 
-def bench_vllm(model, tok, spec, prompts, bank, Ks, max_new, work, max_loras):
-    """vLLM's multi-LoRA on the same requests: tokens/s of its base and per K (max_loras slots,
-    the adapters the requests name held on the CPU)."""
+def bench_vllm(model, tok, spec, prompts, loras, r, max_new, work, max_loras):
+    """vLLM's multi-LoRA on the same requests: tokens/s of its base and per K (max_loras slots of
+    rank r, the adapters the requests name held on the CPU; loras as bench_peft's)."""
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
     llm = engine.make_vllm(engine.hf_folder(model, tok, None, spec, work), "float32",
-                           max(map(len, prompts)) + max_new, 0, lora_rank=bank.config["r"],
+                           max(map(len, prompts)) + max_new, 0, lora_rank=r,
                            max_loras=max_loras, max_cpu_loras=len(prompts))
     sp = SamplingParams(temperature=0, max_tokens=max_new, min_tokens=max_new, ignore_eos=True)
     reqs = [dict(prompt_token_ids=p) for p in prompts]
@@ -328,9 +329,8 @@ def bench_vllm(model, tok, spec, prompts, bank, Ks, max_new, work, max_loras):
             llm.generate(reqs, sp, use_tqdm=False, lora_request=loras)
         return len(prompts) * max_new / (time.time() - t0)
     out = dict(max_loras=max_loras, base=tokens_per_s())
-    for K in Ks:
+    for K, folders in loras.items():
         ks = rows_of(K, len(prompts))
-        folders = lora_folders(bank, K, ks, work)
         out[f"mixed_{K}"] = tokens_per_s([LoRARequest(f"K{K}a{k}", K * 10 ** 5 + k, folders[k])
                                           for k in ks])
         print(f"vLLM, K = {K}: {out}", flush=True)
@@ -351,10 +351,13 @@ def benchmark(spec, Ks=(1, 16, 256, 4096), n=64, max_new=16, max_loras=64):
     prompts = [p for _, p in task.prompt_ids(tok, rows[0][:n], rows[1], 512)]
     ours, bank = bench_ours(model, tok, prompts, Ks, max_new)
     res = dict(model=spec, n=n, max_new=max_new, ours=ours)
-    with tempfile.TemporaryDirectory() as work:
-        res["peft"] = bench_peft(model, tok, prompts, bank, Ks, max_new, work)
+    with tempfile.TemporaryDirectory() as work:  # each K's adapters the requests name, as LoRAs
+        loras = {K: lora_folders(bank, random_vs(K, bank.v.shape), dict.fromkeys(rows_of(K, n)),
+                                 os.path.join(work, f"K{K}")) for K in Ks}
+        res["peft"] = bench_peft(model, tok, prompts, loras, max_new)
         try:
-            res["vllm"] = bench_vllm(model, tok, spec, prompts, bank, Ks, max_new, work, max_loras)
+            res["vllm"] = bench_vllm(model, tok, spec, prompts, loras, bank.config["r"], max_new,
+                                     work, max_loras)
         except ImportError:
             res["vllm"] = None
     print_table(res, Ks)

@@ -169,3 +169,17 @@ def test_the_readme_demo_gives_each_adapter_its_held_out_replies_from_the_sweep(
     expected = [sweep[(names[r["adapter"]], "test")]["verdicts"][where[r["question"]]]["reply"]
                 for r in requests]
     assert [r["reply"] for r in rows] == expected
+
+
+def test_lora_folders_write_each_named_adapter_as_its_own_lora_and_leave_bank_v_as_it_was(
+        tiny_folder, tmp_path):
+    from safetensors.torch import load_file
+    model, _ = models.load_model(tiny_folder)
+    bank = tinylora.apply_tinylora(model, params=13)
+    with torch.no_grad():
+        bank.v.fill_(0.5)
+    vs = serve.random_vs(3, bank.v.shape)
+    folders = serve.lora_folders(bank, vs, [3, 1], str(tmp_path))
+    assert list(folders) == [3, 1] and torch.equal(bank.v, torch.full_like(bank.v, 0.5))
+    lora = {k: load_file(f"{folders[k]}/adapter_model.safetensors") for k in folders}
+    assert all(not torch.equal(lora[3][n], lora[1][n]) for n in lora[3] if "lora_B" in n)
