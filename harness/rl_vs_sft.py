@@ -62,11 +62,16 @@ def accounts(rows, problems):
     return {k: sum(a[k] for a in each) / len(each) for k in ("copied", "right_equations")}
 
 
+def results(out):
+    """A sweep folder's results.jsonl keyed by (name, split); {} before its first point."""
+    path = os.path.join(out, "results.jsonl")
+    rows = run.read_jsonl(path) if os.path.isfile(path) else []
+    return {(r["name"], r["split"]): r for r in rows}
+
+
 def load(out):
     """(results keyed by (name, split), the sweep's settings) of a sweep folder."""
-    rows = run.read_jsonl(os.path.join(out, "results.jsonl"))
-    return {(r["name"], r["split"]): r for r in rows}, json.load(open(os.path.join(out,
-                                                                                    "sweep.json")))
+    return results(out), json.load(open(os.path.join(out, "sweep.json")))
 
 
 def pct(x):

@@ -129,17 +129,11 @@ def record(args, done, loaded, bank, t, key, split):
     print(f"{key['name']} [{split}]: strict {strict:.1%}  flexible {flexible:.1%}")
 
 
-def read_results(out):
-    path = os.path.join(out, "results.jsonl")
-    rows = run.read_jsonl(path) if os.path.isfile(path) else []
-    return {(r["name"], r["split"]): r for r in rows}
-
-
 def main(argv=None):
     args = get_args(argv)
     os.makedirs(args.out, exist_ok=True)
     t, loaded = load_shared(args)
-    done = read_results(args.out)
+    done = rl_vs_sft.results(args.out)
     with open(os.path.join(args.out, "sweep.json"), "w") as f:
         json.dump(dict(vars(args), first_run=vars(t)), f, indent=1, default=str)
     from tqdm import tqdm
