@@ -1,6 +1,7 @@
 """Specifications of tinylora.py, proven as properties over random tiny models (CPU, no network):
 (a) zero-init is bit-exact, (b) the model trains exactly the requested scalars, (c) the math.
 Run: pytest -q test_tinylora.py"""
+import copy
 import json
 import math
 import os
@@ -625,20 +626,24 @@ def test_each_row_of_a_mixed_batch_is_its_adapter_alone_and_base_rows_are_the_ba
     x = tokens(data.draw(st.integers(0, 99)), shape=(len(rows), 5))
     with torch.no_grad():
         base = m(x).logits
-        alone = [base]
+        alone, exact = [base], [None]  # exact: adapter k's model computed in fp32
         for p in paths:
             T.load_adapter(m, p)
             alone.append(m(x).logits)
+            exact.append(copy.deepcopy(m).float()(x).logits)
             T.remove_tinylora(m)
         T.load_adapters(m, paths).rows = rows
         mixed = m(x).logits
     for i, k in enumerate(rows.tolist()):
+        scale = alone[k][i].float().abs().max().item()
         if k == 0:  # index 0: v = 0, the base model to the bit
             assert torch.equal(mixed[i], base[i])
-        else:  # the same math in another order: fp32 round-off, or bf16's
-            tol = 1e-5 if dtype == torch.float32 else 3e-2
-            scale = alone[k][i].float().abs().max().item()
-            assert (mixed[i].float() - alone[k][i].float()).abs().max() <= tol * (1 + scale)
+        elif dtype == torch.float32:  # the same math in another order: fp32 round-off
+            assert (mixed[i] - alone[k][i]).abs().max() <= 1e-5 * (1 + scale)
+        else:  # bf16 rounds the two orders differently (each up to ~0.16 on logits of ~3, both
+            # ways, measured): the row is as near adapter k's fp32 answer as bf16 leaves it alone
+            bf16_err = (alone[k].float() - exact[k]).abs().max()
+            assert (mixed[i].float() - exact[k][i]).abs().max() <= 2 * bf16_err + 3e-2 * (1 + scale)
 
 
 def test_a_batch_served_by_one_adapter_answers_as_that_adapter_greedily(tmp_path):
