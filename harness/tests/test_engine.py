@@ -50,6 +50,8 @@ try:
 except ValueError as e:
     verdict = str(e)
 open(os.path.join({out!r}, f"rank{{rank}}.txt"), "w").write(verdict)
+dist.barrier()  # neither rank leaves while the other still talks to it (gloo aborts otherwise)
+dist.destroy_process_group()
 """
 
 
