@@ -19,11 +19,12 @@ import os
 
 import torch
 
+import task
 import tinylora
 from harness import engine
-from harness.scale import rank_world
-from harness.export import delta_kept
+from harness.export import delta_kept, write_lora
 from harness.models import eos_ids
+from harness.scale import left_pad, rank_world
 
 # ---- HF generate -------------------------------------------------------------------------------
 class SamplerLogprobs:
@@ -53,7 +54,7 @@ class SamplerLogprobs:
 
 def row_seeds(seed, index, n):
     """One seed per completion, from the call's seed and its prompt's index in the global batch."""
-    return [(seed * 1000003 + i * n + j) % 2 ** 63 for i in index for j in range(n)]
+    return [task.seed_for(seed, i * n + j) % 2 ** 63 for i in index for j in range(n)]
 
 def completion(tok, ids, lps, eos, finished=False):
     """One completion's record, its tokens kept up to and including the first EOS."""
@@ -72,8 +73,7 @@ def generate_hf(model, tok, prompts, n, max_new, temperature, eos, *, batch_size
     greedy = temperature == 0
     for s in range(0, len(flat), batch_size):
         chunk, L = flat[s:s + batch_size], max(map(len, flat[s:s + batch_size]))
-        ids = torch.tensor([[pad] * (L - len(p)) + p for p in chunk], device=dev)  # (b, L), left
-        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk], device=dev)
+        ids, mask = (t.to(dev) for t in left_pad(chunk, L, pad))  # (b, L), (b, L)
         rec = SamplerLogprobs(1.0 if greedy else temperature,
                               None if greedy or seeds is None else seeds[s:s + batch_size])
         # greedy, or greedy on the Gumbel-perturbed scores (= a seeded sample), or torch's sampler
@@ -152,10 +152,12 @@ class Generator:
             return here(prompts, index)
         return engine.generate_together(here, self.tp_group, prompts, index, n)
 
-    def push(self, bank):
-        """Give vLLM W0 + ΔW (HF needs nothing); the share of ΔW that arrives (below 1: bf16)."""
-        if self.llm is not None and self.lora_dir is not None:
-            self.lora = engine.push_lora(self.llm, bank, self.lora_dir)
+    def push(self, bank, merged=False):
+        """Give vLLM W0 + ΔW (HF needs nothing); the share of ΔW that arrives (below 1: bf16).
+        With a LoRA slot (sync 'lora', unless merged) ΔW goes as the exact rank-r LoRA (B = U Σ R,
+        A = Vᵀ): in bf16 a small ΔW survives where W0 + ΔW would round back to W0."""
+        if self.llm is not None and self.lora_dir is not None and not merged:
+            self.lora = engine.load_lora(self.llm, write_lora(bank, self.lora_dir))
         elif self.llm is not None:
             sync_weights(self.llm, self.model, bank, self.dtype)
             if self.dtype != torch.float32:

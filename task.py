@@ -1,7 +1,7 @@
 """
 The task: GSM8K problems, the prompt, the answer extractors and the two rewards, and the schedules
 (each step's batch and learning rate), shared by train_grpo.py and eval.py so that training and
-evaluation never disagree. Rows are {question, gold, answer, solution}. Where the paper is silent:
+evaluation never disagree. A problem: {question, gold, answer, solution}. Where the paper is silent:
  1. Two rewards (--reward). paper: verl's GSM8K rule, which the paper trained and scored with (the
     last "#### N" in the last 300 characters string-equals the gold; cut-off replies count). strict:
     the reply stopped (EOS) *and* its last "####" number equals the gold (a prototype paid for
@@ -17,6 +17,9 @@ import math
 import os
 import random
 import re
+
+from harness.data import ARITH
+from harness.files import read_jsonl
 
 SUFFIX = ' Let\'s think step by step and output the final answer after "####".'
 REWARDS = ("paper", "strict")
@@ -47,13 +50,14 @@ def same_number(a, b):
 
 def paper_answer(text):
     """verl's GSM8K extraction (as in the author's fork): the last '#### N' (one space, no '$') in
-    the text's last 300 characters, N's commas removed, a string."""
+    the text's last 300 characters, N's commas removed, a string (verl also drops '$', which its
+    pattern never captures)."""
     hits = PAPER_RE.findall(text[-300:])
-    return hits[-1].replace(",", "").replace("$", "") if hits else None
+    return hits[-1].replace(",", "") if hits else None
 
 def reward(text, problem, finished, rule):
-    """1.0 or 0.0 for a reply to `problem` (a task row). paper: paper_answer(text) equals its answer
-    string, stopped or not. strict: the reply stopped and its last '####' number equals its gold."""
+    """1.0 or 0.0 for a reply to `problem`. paper: paper_answer(text) equals its answer string,
+    stopped or not. strict: the reply stopped and its last '####' number equals its gold."""
     if rule == "paper":
         return float(paper_answer(text) == problem["answer"])
     if rule == "strict":
@@ -73,7 +77,7 @@ def score(reply, problem, finished, n_tokens):
                 finished=bool(finished), n_tokens=n_tokens)
 
 # ---- Data: GSM8K from the hub, a .jsonl file or a folder -------------------------------------
-def gsm8k_row(ex, where):
+def gsm8k_problem(ex, where):
     """{question, gold, answer, solution} from a GSM8K record {question, answer: '... #### N'}; a
     clear error otherwise. gold: N as a number; answer: N as verl's ground truth (the string,
     commas removed); solution: the answer without its <<calculator>> notes (the SFT target)."""
@@ -95,21 +99,22 @@ def load_gsm8k(spec, split):
     if spec.endswith(".jsonl"):
         if not os.path.isfile(spec):
             raise ValueError(f"data file not found: {spec}")
-        from harness.data import read_jsonl  # one line-numbered ValueError per defect
-        return [gsm8k_row(ex, f"{spec} line {i}") for i, ex in read_jsonl(spec)]
+        lines = read_jsonl(spec, with_lines=True)  # one line-numbered ValueError per defect
+        if not lines:
+            raise ValueError(f"{spec}: no rows")
+        return [gsm8k_problem(ex, f"{spec} line {i}") for i, ex in lines]
     import datasets
     try:
         ds = datasets.load_dataset(spec, "main", split=split)
     except (OSError, ValueError) as e:  # unknown dataset id, no network, unknown split
         first = str(e).strip().splitlines()[0]
         raise ValueError(f"cannot load dataset {spec!r}: {first}") from None
-    return [gsm8k_row(ex, f"{spec} [{split}] row {i}") for i, ex in enumerate(ds)]
+    return [gsm8k_problem(ex, f"{spec} [{split}] row {i}") for i, ex in enumerate(ds)]
 
 def load_task(data, split, shots=None, val=0):
-    """(rows, shots) for --data; split: train | val | test. shots: [(question, solution)] × K, the
-    train split's first K (None: arith 2, else 0); val: how many of the last training problems form
-    the validation split. 'train' excludes both shots and validation."""
-    from harness.data import ARITH
+    """(problems, shots) for --data; split: train | val | test. shots: [(question, solution)] × K,
+    the train split's first K (None: arith 2, else 0); val: how many of the last training problems
+    form the validation split. 'train' excludes both shots and validation."""
     K = (2 if data in ARITH else 0) if shots is None else shots
     if K < 0 or val < 0:
         raise ValueError(f"--shots and --val must be >= 0, got {K} and {val}")
@@ -122,7 +127,7 @@ def load_task(data, split, shots=None, val=0):
     if K + val >= len(train):
         raise ValueError(f"{K} shots + {val} validation problems leave nothing of the "
                          f"{len(train)} training problems")
-    examples = [(r["question"], r["solution"]) for r in train[:K]]
+    examples = [(p["question"], p["solution"]) for p in train[:K]]
     if split == "test":
         return load("test"), examples
     return (train[K:len(train) - val] if split == "train" else train[len(train) - val:]), examples
@@ -137,20 +142,23 @@ def build_prompt(tok, question, shots=()):
     msgs.append(dict(role="user", content=question + SUFFIX))
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
-def prompt_ids(tok, rows, shots, max_prompt):
-    """[(row, token ids)] of each row's prompt; those over max_prompt tokens are dropped (verl)."""
+def prompt_ids(tok, problems, shots, max_prompt):
+    """[(problem, token ids)] of each problem's prompt; those over max_prompt tokens are dropped
+    (verl)."""
     out = []
-    for row in rows:
-        ids = tok(build_prompt(tok, row["question"], shots), add_special_tokens=False)["input_ids"]
+    for problem in problems:
+        ids = tok(build_prompt(tok, problem["question"], shots),
+                  add_special_tokens=False)["input_ids"]
         if len(ids) <= max_prompt:
-            out.append((row, ids))
+            out.append((problem, ids))
     return out
 
 # ---- Schedules: any step's batch and learning rate follow from (seed, step): --resume is exact
+SEED_STRIDE = 1000003  # pairs (seed, k) with 0 <= k < SEED_STRIDE map to distinct seeds
+
 def seed_for(seed, k):
-    """A seed for (run seed, epoch or step): 1000003 is a prime above any step count, so pairs
-    never collide."""
-    return seed * 1000003 + k
+    """A seed for (run seed, k): an epoch, a step, or a sample's place in a batch."""
+    return seed * SEED_STRIDE + k
 
 def batch_at(items, step, B, seed, shuffle=True):
     """The step's B items, in the file's order (the fork's data.shuffle=False) or a permutation per

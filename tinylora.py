@@ -5,9 +5,10 @@ W ≈ U Σ Vᵀ, fixed random P₁…P_u (r×r) and a tiny trainable v ∈ ℝ�
 
     R = Σᵢ vᵢPᵢ     ΔW = U Σ R Vᵀ     y = x Wᵀ + (x V)(U Σ R)ᵀ     bank = apply_tinylora(model)
 
-Sections: math, layer, tying plan, apply/remove, bank, adapter file. Many adapters of one base in
-one batch: bank = load_adapters(model, paths); bank.rows = (b,) indices (0: the base); row k then
-gets its own R_k between the projections V and U Σ the batch shares. Where the paper is silent:
+Sections: math, layer, bank, tying plan, fingerprint, apply/remove, adapter file, and last many
+adapters of one base in one batch (bank = load_adapters(model, paths); bank.adapter_of_row = (b,)
+indices, 0 the base: row k gets its own R_k between the V and U Σ the batch shares). Where the
+paper is silent:
  1. ΔW = U Σ R Vᵀ in forward and merge alike (the author's fork forwards with Rᵀ but merges with R;
     PEFT uses U √Σ R √Σ Vᵀ). No extra α: with Adam the learning rate alone sets how fast R moves.
  2. P ~ N(0, 1)/√u per module, from a CPU generator keyed by sha256(seed, module name); or "fork":
@@ -28,10 +29,17 @@ import torch.nn as nn
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OVERSAMPLE, NITER = 32, 20  # the randomized SVD's extra sketch columns and power iterations
+FORMAT_VERSION = 1  # the adapter file's; a saved v means the same ΔW only under this orientation
+ORIENTATION = "dW = U diag(S) R V^T, R = sum_i v_i P_i"
+PLAN_KEYS = ("r", "u", "tie", "n_tie", "group_sizes", "targets", "seed", "svd", "lora_xs",
+             "projections")  # what a saved v needs to mean the same ΔW (with the fingerprint)
+SIGMA_RTOL = 2e-3  # fingerprint: bf16 vs fp32 weights and the SVD method move σ₁ by < 1e-4
+FACTOR_ATOL = 2e-3  # factor probes: fp32 round-off moves them ~1e-5; a 1e-2 change of U or V, ~1e-2
 
 # ---- 1. The math: small pure functions named after the paper's symbols --------------------------
 def svd_factors(W, r, method="randomized", seed=0, oversample=OVERSAMPLE, niter=NITER):
-    """Rank-r SVD of W (out, in) in fp32 -> U (out, r), S (r,), V (in, r), canonical signs."""
+    """Rank-r SVD of W (out, in) in fp32 -> U (out, r), S (r,), V (in, r), canonical signs. The
+    randomized one meets Eckart–Young within 1e-4 (relative), flat spectra included."""
     W = W.detach().float()
     if r > min(W.shape):
         raise ValueError(f"rank r={r} exceeds min(W.shape)={min(W.shape)}")
@@ -56,7 +64,7 @@ def randomized_svd(W, omega, niter):
     return Q @ Ub, S, Vh.T
 
 def canonical_signs(U, V):
-    """Flip each pair (uᵢ, vᵢ) so that Σⱼ uᵢⱼ³ > 0 (smooth, unlike "largest entry > 0")."""
+    """Flip each pair (uᵢ, vᵢ) so that Σⱼ uᵢⱼ³ >= 0 (smooth, unlike "largest entry > 0")."""
     sign = torch.where((U.double() ** 3).sum(dim=0) >= 0, 1.0, -1.0).to(U.dtype)  # (r,)
     return U * sign, V * sign
 
@@ -81,6 +89,10 @@ def R(v, P):
     """R = Σᵢ vᵢ Pᵢ. v (u,) or one per row (b, u); P (u, r, r) -> (r, r) or (b, r, r)."""
     return torch.einsum("...i,ijk->...jk", v, P)
 
+def B(U, S, R):
+    """B = U Σ R (out, r): with A = Vᵀ, ΔW = B A is exactly a rank-r LoRA."""
+    return (U * S) @ R
+
 # ---- 2. The layer ----------------------------------------------------------------------------
 class TinyLoRALinear(nn.Module):
     """base(x) + (x V)(U Σ R)ᵀ; the base untouched, U, S, V, P frozen buffers rebuilt from W."""
@@ -93,17 +105,46 @@ class TinyLoRALinear(nn.Module):
         object.__setattr__(self, "bank", bank)  # not a submodule: v is a parameter of the bank only
 
     def forward(self, x):  # x (..., in)
-        if self.bank.rows is not None:  # serving: row k of x uses adapter bank.rows[k]
-            return self.forward_rows(x, self.bank.vs[self.bank.rows, self.group].float())
-        v = self.bank.v[self.group].float()  # (u,)
-        B = ((self.U * self.S) @ R(v, self.P)).to(x.dtype)  # (out, r) = U Σ R, in fp32
-        return self.base(x) + (x @ self.V.to(x.dtype)) @ B.T  # x Wᵀ + b + (x V)(U Σ R)ᵀ
+        if self.bank.adapter_of_row is None:  # training, or one adapter: the paper's formula
+            v = self.bank.v[self.group].float()  # (u,)
+            USR = B(self.U, self.S, R(v, self.P)).to(x.dtype)  # (out, r) = U Σ R, in fp32
+            return self.base(x) + (x @ self.V.to(x.dtype)) @ USR.T  # x Wᵀ + b + (x V)(U Σ R)ᵀ
+        v = self.bank.vs[self.bank.adapter_of_row, self.group].float()  # (b, u): serving, below
+        return self.forward_rows(x, v)
 
     def forward_rows(self, x, v):  # x (b, ..., in), v (b, u): each row its own R, V and U Σ shared
         z = torch.einsum("b...i,bji->b...j", x @ self.V.to(x.dtype), R(v, self.P).to(x.dtype))
         return self.base(x) + z @ (self.U * self.S).T.to(x.dtype)  # + ((x V) Rᵀ)(U Σ)ᵀ
 
-# ---- 3. The tying plan: which modules share a v --------------------------------------------
+# ---- 3. The bank: the model's whole trainable state ----------------------------------------
+class Bank(nn.Module):
+    """v (groups, u), the plan (groups, config), the adapted layers (name -> TinyLoRALinear)."""
+
+    def __init__(self, groups, u, config, v_dtype=torch.float32):
+        super().__init__()
+        self.v = nn.Parameter(torch.zeros(len(groups), u, dtype=v_dtype))
+        self.groups, self.config, self.layers = groups, config, {}
+        # serving (§8): K adapters' v after the base's zeros (1 + K, groups, u), each row's (b,)
+        self.vs, self.adapter_of_row = None, None
+
+    @torch.no_grad()
+    def delta(self, name):
+        """ΔW = U Σ R Vᵀ of one adapted module, fp32 (out, in): only merges and exports form it."""
+        return self.lora(name)[1] @ self.layers[name].V.T
+
+    @torch.no_grad()
+    def lora(self, name):
+        """ΔW of one module as an exact rank-r LoRA B A: A = Vᵀ (r, in), B = U Σ R (out, r)."""
+        L = self.layers[name]
+        return L.V.T.contiguous(), B(L.U, L.S, R(self.v[L.group].float(), L.P)).contiguous()
+
+    @torch.no_grad()
+    def merged(self, name, dtype=None):
+        """W0 + ΔW of one module: fp32 math from the pristine W0, cast once (default: W0's)."""
+        W0 = self.layers[name].base.weight
+        return (W0.float() + self.delta(name)).to(dtype or W0.dtype)
+
+# ---- 4. The tying plan: which modules share a v --------------------------------------------
 def tile_sizes(n, n_tie):
     """The author's tying: consecutive tiles of n_tie modules, the last one shorter."""
     return [min(n_tie, n - start) for start in range(0, n, n_tie)]
@@ -139,7 +180,8 @@ def plan_groups(names, r, *, params=None, u=None, n_tie=None, tie="tiled", lora_
     if tie not in ("tiled", "structured"):
         raise ValueError(f"unknown tying {tie!r} (use 'tiled' or 'structured')")
     if (params is None) == (u is None and n_tie is None):
-        raise ValueError("give either params, or u and n_tie")
+        raise ValueError(f"give either params, or u and n_tie; got params={params}, u={u}, "
+                         f"n_tie={n_tie}")
     if lora_xs and u not in (None, r * r):
         raise ValueError(f"LoRA-XS fixes u = r² = {r * r}, got u={u}")
     if tie == "tiled":
@@ -169,7 +211,37 @@ def plan_groups(names, r, *, params=None, u=None, n_tie=None, tie="tiled", lora_
         groups += [[next(rest) for _ in range(k)] for k in seq_sizes]
     return u, groups
 
-# ---- 4. Apply and remove ----------------------------------------------------------------------
+# ---- 5. The fingerprint: the base and its factors, so a v is never applied to another W -----
+def fingerprint(bank):
+    """The base and its factors: names and shapes (hashed), σ₁, and probes √m·gᵀuᵢ, √n·hᵀvᵢ from
+    fixed random g, h (O(1) values that move as U, V do, not with fp32 round-off)."""
+    shapes, sigma1, probes = [], [], []
+    for n, L in bank.layers.items():
+        gen = torch.Generator().manual_seed(stable_seed(0, n + "/probe"))
+        g = nn.functional.normalize(torch.randn(L.U.shape[0], generator=gen), dim=0)  # (out,)
+        h = nn.functional.normalize(torch.randn(L.V.shape[0], generator=gen), dim=0)  # (in,)
+        p = [g @ L.U.float().cpu() * g.numel() ** 0.5, h @ L.V.float().cpu() * h.numel() ** 0.5]
+        probes.append([float(f"{x:.6g}") for x in torch.cat(p).tolist()])
+        shapes.append(list(L.base.weight.shape))
+        sigma1.append(float(f"{L.S[0].item():.6g}"))
+    arch = hashlib.sha256(json.dumps([list(bank.layers), shapes]).encode()).hexdigest()[:16]
+    return dict(arch=arch, sigma1=sigma1, factors=probes)
+
+def check_fingerprint(expected, got, path=""):
+    """A ValueError unless the base (architecture, σ₁) and the factors (probes) are the same; a
+    file written before the probes is checked on σ₁ only."""
+    if expected["arch"] != got["arch"]:
+        raise ValueError(f"{path}: adapter was made for another architecture or target list "
+                         f"(fingerprint {expected['arch']} != this model's {got['arch']})")
+    a, b = torch.tensor(expected["sigma1"]), torch.tensor(got["sigma1"])
+    sigma = ((a - b).abs() / a.abs().clamp_min(1e-12)).max().item()
+    probes = (torch.tensor(expected.get("factors", got["factors"])) - torch.tensor(got["factors"]))
+    if sigma > SIGMA_RTOL or probes.abs().max().item() > FACTOR_ATOL:
+        raise ValueError(f"{path}: adapter was made for different base weights or SVD factors "
+                         f"(σ₁ differ by up to {sigma:.2%}, tolerance {SIGMA_RTOL:.1%}; factor "
+                         f"probes by {probes.abs().max().item():.2g}, tolerance {FACTOR_ATOL:g})")
+
+# ---- 6. Apply and remove ----------------------------------------------------------------------
 def find_targets(model, targets=DEFAULT_TARGETS):
     """(name, module) of every nn.Linear whose last name part is a target, in module order."""
     linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -184,7 +256,10 @@ def apply_tinylora(model, *, params=None, u=None, n_tie=None, r=2, tie="tiled",
                    targets=DEFAULT_TARGETS, seed=0, svd="randomized", lora_xs=False,
                    projections="independent", v_dtype=torch.float32, balanced=False):
     """Freeze `model`, wrap its target linears in TinyLoRALinear, return the bank of v (zeros).
-    lora_xs: u = r², P = the standard basis. seed: of P and the SVD sketch (a run's --proj-seed)."""
+    lora_xs: u = r², P = the standard basis. seed: of P and the SVD sketch (a run's --proj-seed).
+    projections: "independent" (the default here: the paper's fixed random matrices, one per
+    module from (seed, name), whatever the model's layout) or "fork" (the author's draw, which
+    train_grpo.py defaults to so that its runs reproduce the fork's)."""
     if any(isinstance(m, TinyLoRALinear) for m in model.modules()):
         raise ValueError("model already carries TinyLoRA layers")
     if r < 1 or projections not in ("independent", "fork"):
@@ -219,65 +294,7 @@ def remove_tinylora(model):
             model.set_submodule(name, mod.base)
     return model
 
-# ---- 5. The bank: the model's whole trainable state ----------------------------------------
-class Bank(nn.Module):
-    """v (groups, u), the plan (groups, config), the adapted layers (name -> TinyLoRALinear)."""
-
-    def __init__(self, groups, u, config, v_dtype=torch.float32):
-        super().__init__()
-        self.v = nn.Parameter(torch.zeros(len(groups), u, dtype=v_dtype))
-        self.groups, self.config, self.layers = groups, config, {}
-        self.vs, self.rows = None, None  # serving: K adapters' v (K, groups, u), a row's index
-
-    @torch.no_grad()
-    def delta(self, name):
-        """ΔW = U Σ R Vᵀ of one adapted module, fp32 (out, in): only merges and exports form it."""
-        L = self.layers[name]
-        return (L.U * L.S) @ R(self.v[L.group].float(), L.P) @ L.V.T
-
-    @torch.no_grad()
-    def merged(self, name, dtype=None):
-        """W0 + ΔW of one module: fp32 math from the pristine W0, cast once (default: W0's)."""
-        W0 = self.layers[name].base.weight
-        return (W0.float() + self.delta(name)).to(dtype or W0.dtype)
-
-# ---- 6. The adapter file: v + JSON metadata in a safetensors header, never pickled ----------
-FORMAT_VERSION = 1
-ORIENTATION = "dW = U diag(S) R V^T, R = sum_i v_i P_i"
-PLAN_KEYS = ("r", "u", "tie", "n_tie", "group_sizes", "targets", "seed", "svd", "lora_xs",
-             "projections")  # what a saved v needs to mean the same ΔW (with the fingerprint)
-SIGMA_RTOL = 2e-3  # fingerprint: bf16 vs fp32 weights and the SVD method move σ₁ by < 1e-4
-FACTOR_ATOL = 2e-3  # factor probes: fp32 round-off moves them ~1e-5; a 1e-2 change of U or V, ~1e-2
-
-def fingerprint(bank):
-    """The base and its factors: names and shapes (hashed), σ₁, and probes √m·gᵀuᵢ, √n·hᵀvᵢ from
-    fixed random g, h (O(1) values that move as U, V do, not with fp32 round-off)."""
-    shapes, sigma1, probes = [], [], []
-    for n, L in bank.layers.items():
-        gen = torch.Generator().manual_seed(stable_seed(0, n + "/probe"))
-        g = nn.functional.normalize(torch.randn(L.U.shape[0], generator=gen), dim=0)  # (out,)
-        h = nn.functional.normalize(torch.randn(L.V.shape[0], generator=gen), dim=0)  # (in,)
-        p = [g @ L.U.float().cpu() * g.numel() ** 0.5, h @ L.V.float().cpu() * h.numel() ** 0.5]
-        probes.append([float(f"{x:.6g}") for x in torch.cat(p).tolist()])
-        shapes.append(list(L.base.weight.shape))
-        sigma1.append(float(f"{L.S[0].item():.6g}"))
-    arch = hashlib.sha256(json.dumps([list(bank.layers), shapes]).encode()).hexdigest()[:16]
-    return dict(arch=arch, sigma1=sigma1, factors=probes)
-
-def check_fingerprint(expected, got, path=""):
-    """A ValueError unless the base (architecture, σ₁) and the factors (probes) are the same; a
-    file written before the probes is checked on σ₁ only."""
-    if expected["arch"] != got["arch"]:
-        raise ValueError(f"{path}: adapter was made for another architecture or target list "
-                         f"(fingerprint {expected['arch']} != this model's {got['arch']})")
-    a, b = torch.tensor(expected["sigma1"]), torch.tensor(got["sigma1"])
-    sigma = ((a - b).abs() / a.abs().clamp_min(1e-12)).max().item()
-    probes = (torch.tensor(expected.get("factors", got["factors"])) - torch.tensor(got["factors"]))
-    if sigma > SIGMA_RTOL or probes.abs().max().item() > FACTOR_ATOL:
-        raise ValueError(f"{path}: adapter was made for different base weights or SVD factors "
-                         f"(σ₁ differ by up to {sigma:.2%}, tolerance {SIGMA_RTOL:.1%}; factor "
-                         f"probes by {probes.abs().max().item():.2g}, tolerance {FACTOR_ATOL:g})")
-
+# ---- 7. The adapter file: v + JSON metadata in a safetensors header, never pickled ----------
 def save_adapter(bank, path, dtype=None, base_model=None):
     """v (its dtype, or `dtype`: 13 are 52 bytes in fp32) and what rebuilds the adapter, whole."""
     from safetensors.torch import save_file
@@ -310,39 +327,19 @@ def saved_config(meta):
     """A file's adapter metadata; one written before --projections drew P independently."""
     return dict(meta, projections=meta.get("projections", "independent"))
 
-def load_adapters(model, paths):
-    """Apply TinyLoRA as the first file records, then hold every file's v, stacked after the base
-    (index 0, v = 0) in bank.vs (1 + K, groups, u); bank.rows = (b,) indices, then each row of a
-    batch is served by its adapter. Every file must share the first's base, plan and P."""
-    bank = load_adapter(model, paths[0])
-    vs = [torch.zeros_like(bank.v.data, dtype=torch.float32)]
-    for path in paths:
-        v, c = read_adapter(path)
-        diff = [k for k in PLAN_KEYS if c.get(k) != bank.config.get(k)]
-        try:
-            check_fingerprint(c["fingerprint"], bank.config["fingerprint"], path)
-            if diff or v.shape != bank.v.shape:
-                raise ValueError(f"{path}: its plan differs from {paths[0]}'s in {diff or 'v'}")
-        except ValueError:
-            remove_tinylora(model)
-            raise
-        vs.append(v.float())
-    bank.vs = torch.stack(vs).to(bank.v.device)
-    return bank
-
 def load_adapter(model, path):
     """Apply TinyLoRA to `model` as recorded in `path`, check the base's fingerprint, load v."""
-    v, c = read_adapter(path)
+    v, cfg = read_adapter(path)
     # a params budget; in even groups if the file predates the tiles (no group_sizes)
-    plan = (dict(params=c["params"], balanced="group_sizes" not in c) if c["n_tie"] is None
-            else dict(u=c["u"], n_tie=c["n_tie"]))
-    bank = apply_tinylora(model, r=c["r"], tie=c["tie"], targets=c["targets"], seed=c["seed"],
-                          svd=c["svd"], lora_xs=c["lora_xs"], v_dtype=v.dtype,
-                          projections=c["projections"], **plan)
+    plan = (dict(params=cfg["params"], balanced="group_sizes" not in cfg) if cfg["n_tie"] is None
+            else dict(u=cfg["u"], n_tie=cfg["n_tie"]))
+    bank = apply_tinylora(model, r=cfg["r"], tie=cfg["tie"], targets=cfg["targets"],
+                          seed=cfg["seed"], svd=cfg["svd"], lora_xs=cfg["lora_xs"],
+                          v_dtype=v.dtype, projections=cfg["projections"], **plan)
     try:
-        check_fingerprint(c["fingerprint"], bank.config["fingerprint"], path)
-        if c.get("group_sizes", bank.config["group_sizes"]) != bank.config["group_sizes"]:
-            raise ValueError(f"{path}: its tying groups {c['group_sizes']} are not the ones this "
+        check_fingerprint(cfg["fingerprint"], bank.config["fingerprint"], path)
+        if cfg.get("group_sizes", bank.config["group_sizes"]) != bank.config["group_sizes"]:
+            raise ValueError(f"{path}: its tying groups {cfg['group_sizes']} are not the ones this "
                              f"tinylora.py plans {bank.config['group_sizes']}")
         if v.shape != bank.v.shape:
             raise ValueError(f"{path}: v has shape {tuple(v.shape)}, the plan needs "
@@ -351,5 +348,26 @@ def load_adapter(model, path):
         remove_tinylora(model)
         raise
     bank.v.data.copy_(v)
-    bank.config["base_model"] = c.get("base_model")
+    bank.config["base_model"] = cfg.get("base_model")
+    return bank
+
+# ---- 8. Many adapters of one base in one batch --------------------------------------------
+def load_adapters(model, paths):
+    """Apply TinyLoRA as the first file records, then hold every file's v, stacked after the base
+    (index 0, v = 0) in bank.vs (1 + K, groups, u); bank.adapter_of_row = (b,) indices, then each
+    row of a batch is served by its adapter. Every file must share the first's base, plan and P."""
+    bank = load_adapter(model, paths[0])
+    vs = [torch.zeros_like(bank.v.data, dtype=torch.float32)]
+    for path in paths:
+        v, cfg = read_adapter(path)
+        diff = [k for k in PLAN_KEYS if cfg.get(k) != bank.config.get(k)]
+        try:
+            check_fingerprint(cfg["fingerprint"], bank.config["fingerprint"], path)
+            if diff or v.shape != bank.v.shape:
+                raise ValueError(f"{path}: its plan differs from {paths[0]}'s in {diff or 'v'}")
+        except ValueError:
+            remove_tinylora(model)
+            raise
+        vs.append(v.float())
+    bank.vs = torch.stack(vs).to(bank.v.device)
     return bank

@@ -37,7 +37,8 @@ import torch
 import rollout
 import task
 import tinylora
-from harness import export, run, scale
+from harness import config, export, run, scale
+from harness.files import read_jsonl
 from harness.data import arith_rows
 from harness.models import load_model
 
@@ -131,7 +132,7 @@ def apply_peft(model):
 
 
 def get_args(argv=None):
-    ap = run.new_parser("TinyLoRA vs PEFT, side by side")
+    ap = config.new_parser("TinyLoRA vs PEFT, side by side")
     ap.add_argument("--size", default="smollm2", choices=sorted(SIZES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
@@ -313,7 +314,7 @@ def merge_gap_bench(spec, prompts=8, n=8, max_new=40):
                 comps = generator.generate(ids, n, max_new, 1.0, 0)
                 seqs = [(ids[i // n], c["ids"]) for i, c in enumerate(comps)]
                 lengths = [len(c) for _, c in seqs]
-                mask = scale.completion_mask(lengths, max(lengths)).bool()
+                mask = scale.length_mask(lengths, max(lengths)).bool()
                 with torch.no_grad():
                     lp = scale.token_logprobs(model, seqs, 1.0)
                     v = bank.v.clone()
@@ -375,7 +376,7 @@ def trl_step(spec, steps):
     print(json.dumps(dict(step_s=times)))
 
 
-ANCHOR = os.path.join(run.ROOT, "..", "shared", "anchors", "trl_cpu_step.py")
+ANCHOR = os.path.join(config.ROOT, "..", "shared", "anchors", "trl_cpu_step.py")
 
 
 def run_trl(spec, steps, env):
@@ -385,11 +386,11 @@ def run_trl(spec, steps, env):
     with tempfile.TemporaryDirectory() as shim:
         with open(os.path.join(shim, "engine.py"), "w") as f:
             f.write("from harness.models import load_model  # noqa: F401\n")
-        path = os.pathsep.join([shim, run.ROOT, env.get("PYTHONPATH", "")])
+        path = os.pathsep.join([shim, config.ROOT, env.get("PYTHONPATH", "")])
         cmd = ([ANCHOR, spec, str(steps)] if os.path.isfile(ANCHOR) else
                ["-m", "harness.bench", "--trl-step", spec, str(steps)])
         p = subprocess.run([sys.executable, *cmd], env=dict(env, PYTHONPATH=path),
-                           capture_output=True, text=True, cwd=run.ROOT)
+                           capture_output=True, text=True, cwd=config.ROOT)
     if p.returncode:
         raise ValueError(f"TRL failed: {p.stderr.strip().splitlines()[-1]}")
     return trl_median(p.stdout.strip().splitlines()[-1])
@@ -422,10 +423,10 @@ def grpo_step_bench(spec, steps=3):
         with tempfile.TemporaryDirectory() as d:
             p = subprocess.run([sys.executable, "train_grpo.py", "--preset", "cpu-demo", "--model",
                                 spec, "--steps", str(steps), *config, "--out", d, *extra],
-                               env=env, capture_output=True, text=True, cwd=run.ROOT)
+                               env=env, capture_output=True, text=True, cwd=config.ROOT)
             if p.returncode:
                 raise ValueError(f"{label} failed: {p.stderr.strip().splitlines()[-1]}")
-            rows = run.read_jsonl(os.path.join(d, "log.jsonl"))
+            rows = read_jsonl(os.path.join(d, "log.jsonl"))
             res[label] = {k: statistics.median(r[k] for r in rows) for k in TIMES}
         print(label, res[label], flush=True)
     try:
@@ -515,4 +516,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run.run_cli(main)
+    config.run_cli(main)

@@ -2,7 +2,7 @@
 vLLM's side of the generator, which a learner never needs to read: the environment and log filter
 vLLM must see, the arguments an in-process engine is built with (vLLM 0.32's names), the check of
 its memory share (agreed by every rank), the HF folder a .gguf model is exported to for it, the
-tensor-parallel groups under torchrun, the push of a LoRA, the prefix-cache reset after a push
+tensor-parallel groups under torchrun, loading a LoRA, the prefix-cache reset after a push
 (checked), the batch-invariant mode and the shutdown. rollout.py calls these.
 
 Chosen where the paper is silent:
@@ -203,13 +203,10 @@ def generate_together(generate_here, group, prompts, index, n):
     return out[first:first + n * len(prompts)]
 
 
-def push_lora(llm, bank, folder):
-    """Give vLLM ΔW as the exact rank-r LoRA (B = U Σ R, A = Vᵀ): in bf16 a small ΔW survives, where
-    W0 + ΔW would round back to W0. load_inplace replaces the slot. Returns the request to use."""
+def load_lora(llm, folder):
+    """Load the LoRA folder into vLLM's one slot (load_inplace replaces what it held); the
+    request to generate with."""
     from vllm.lora.request import LoRARequest
-
-    from harness.export import write_lora
-    write_lora(bank, folder)
     llm.llm_engine.add_lora(LoRARequest("tinylora", 1, folder, load_inplace=True))
     reset_prefix_cache(llm)  # cached KV was computed under the previous adapter
     return LoRARequest("tinylora", 1, folder)

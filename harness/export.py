@@ -19,7 +19,8 @@ import sys
 import torch
 
 import tinylora
-from harness import run
+from harness import config
+from harness.files import write_atomic
 from harness.models import load_model, meta_model
 
 
@@ -55,25 +56,17 @@ def write_merged(model, tok, bank, out, dtype):
     return out
 
 
-@torch.no_grad()
-def lora_AB(bank, name):
-    """ΔW of one module as an exact rank-r LoRA, ΔW = B A: A = Vᵀ (r, in), B = U Σ R (out, r)."""
-    L = bank.layers[name]
-    return L.V.T.contiguous(), ((L.U * L.S) @ tinylora.R(bank.v[L.group].float(), L.P)).contiguous()
-
-
 def write_lora(bank, out, base_model=None):
     """ΔW as a standard PEFT LoRA folder (PEFT and vLLM read it); fp32 tensors, written whole."""
     from safetensors.torch import save_file
     os.makedirs(out, exist_ok=True)
     tensors = {}
     for name in bank.layers:
-        A, B = lora_AB(bank, name)
+        A, B = bank.lora(name)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.cpu()
-    path = os.path.join(out, "adapter_model.safetensors")
-    save_file(tensors, f"{path}.tmp{os.getpid()}")
-    os.replace(f"{path}.tmp{os.getpid()}", path)
+    write_atomic(os.path.join(out, "adapter_model.safetensors"),
+                 lambda tmp: save_file(tensors, tmp))
     r = bank.config["r"]
     cfg = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=r,
                base_model_name_or_path=base_model or bank.config.get("base_model"),
@@ -98,26 +91,24 @@ def delta_kept(bank, dtype, every=1):
 
 @contextlib.contextmanager
 def merged_route(generator, bank, dtype=torch.bfloat16):
-    """While the block runs, the generator holds the adapter as the paper scored it (the fork's
-    validation on merged weights): W0 + ΔW computed in fp32, cast once to `dtype`, in place of W0,
-    with v = 0. Afterwards W0, v and the exact route are back."""
-    import rollout
+    """While the block runs, the generator (rollout.Generator) holds the adapter as the paper
+    scored it (the fork's validation on merged weights): W0 + ΔW computed in fp32, cast once to
+    `dtype`, in place of W0, with v = 0. Afterwards W0, v and the exact route are back."""
     W0, v = {n: L.base.weight.data for n, L in bank.layers.items()}, bank.v.detach().clone()
     with torch.no_grad():
         for name, L in bank.layers.items():
             L.base.weight.data = bank.merged(name, dtype).to(W0[name].dtype)
         bank.v.zero_()
     lora, generator.lora = generator.lora, None  # a vLLM LoRA slot would add ΔW twice
-    if generator.llm is not None:
-        rollout.sync_weights(generator.llm, generator.model, bank, generator.dtype)
+    generator.push(bank, merged=True)
     try:
         yield
     finally:
         with torch.no_grad():
             for name, L in bank.layers.items():
                 L.base.weight.data = W0[name]
-        if generator.llm is not None and lora is not None:  # the LoRA route adds ΔW to W0
-            rollout.sync_weights(generator.llm, generator.model, bank, generator.dtype)
+        if lora is not None:  # the LoRA route adds ΔW to W0: the engine gets W0 back first
+            generator.push(bank, merged=True)
         with torch.no_grad():
             bank.v.copy_(v)
         generator.push(bank)
@@ -125,17 +116,17 @@ def merged_route(generator, bank, dtype=torch.bfloat16):
 
 def plan_main(argv):
     """The plan and its cost, from the model's config alone."""
-    from train_grpo import adapter_flags, model_flags
-    ap = run.new_parser("The TinyLoRA plan for a model (no weights read)")
-    ap.prog = "python -m harness.export plan"
-    model_flags(ap, runtime=False)
-    adapter_flags(ap, factors=False)
+    ap = config.new_parser("The TinyLoRA plan for a model (no weights read)",
+                           prog="python -m harness.export plan")
+    config.add_flags(ap, "model", ["model"])
+    config.add_flags(ap, "adapter", [k for k in config.FLAGS["adapter"]
+                                     if k not in ("svd", "proj_seed")])
     ap.add_argument("--map", action="store_true", help="also print the module -> group map")
     args = ap.parse_args(argv)
     targets = args.targets.split(",")
     found = tinylora.find_targets(meta_model(args.model), tuple(targets))
     u, groups = tinylora.plan_groups([name for name, _ in found], args.r, tie=args.tie,
-                                     lora_xs=args.lora_xs, **run.plan_kwargs(args))
+                                     lora_xs=args.lora_xs, **config.plan_kwargs(args))
     text = plan_text(len(found), targets, args.r, u, groups, args.tie, args.lora_xs)
     print(f"{args.model}: {text}")
     if args.map:
@@ -145,9 +136,9 @@ def plan_main(argv):
 
 def export_main(cmd, argv):
     """merge | export-lora --model M --adapter A --out DIR."""
-    ap = run.new_parser("A merged HF model folder (W0 + ΔW)" if cmd == "merge" else
-                          "The adapter as a standard LoRA folder (exact: B A = ΔW)")
-    ap.prog = f"python -m harness.export {cmd}"
+    ap = config.new_parser("A merged HF model folder (W0 + ΔW)" if cmd == "merge" else
+                           "The adapter as a standard LoRA folder (exact: B A = ΔW)",
+                           prog=f"python -m harness.export {cmd}")
     ap.add_argument("--model", required=True, help="the base: hub id, local folder or .gguf file")
     ap.add_argument("--adapter", required=True, help="a TinyLoRA adapter (.safetensors)")
     ap.add_argument("--out", required=True, help="a new or empty folder")
@@ -179,4 +170,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run.run_cli(main)
+    config.run_cli(main)

@@ -35,7 +35,8 @@ import torch
 import rollout
 import tinylora
 import train_grpo as tg
-from harness import bench, engine, export, run, scale
+from harness import bench, config, engine, export, run, scale
+from harness.files import read_jsonl, write_json
 
 GIB = 2 ** 30
 
@@ -147,7 +148,7 @@ def end_to_end(size, device, tokenizer, work):
     tg.main(argv)
     t_train = time.time() - t0
     tg.main(["--resume", run_dir, "--steps", "3"])
-    rows = run.read_jsonl(os.path.join(run_dir, "log.jsonl"))
+    rows = read_jsonl(os.path.join(run_dir, "log.jsonl"))
     return dict(seconds_2_steps=t_train, steps_logged=[r["step"] for r in rows],
                 t_step=[r["t_step"] for r in rows],
                 delta_kept=[r["delta_kept"] for r in rows],
@@ -201,7 +202,7 @@ def two_pushes(model, tok, bank, generator):
         out[f"seconds_push{k + 1}"] = time.time() - t0
     comps = generator.generate([prompt], 8, 32, 1.0, seed=0)
     seqs = [(prompt, c["ids"]) for c in comps]
-    mask = scale.completion_mask([len(c["ids"]) for c in comps], max(len(c["ids"]) for c in comps))
+    mask = scale.length_mask([len(c["ids"]) for c in comps], max(len(c["ids"]) for c in comps))
     with torch.no_grad():
         for size in (-1e-1, 1e-1):  # v2 (the policy sampled), then v1
             bank.v.fill_(size)
@@ -242,12 +243,10 @@ def guarded(name, fn, report, out, deadline):
 
 def write(report, out):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(f"{out}.tmp", "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    os.replace(f"{out}.tmp", out)
+    write_json(out, report)
 
 
-def make_tokenizer(out, gguf=run.SHARED_SMOL):
+def make_tokenizer(out, gguf=config.SHARED_SMOL):
     """Save SmolLM2's tokenizer (from the shared GGUF) as a small folder to carry to the GPU
     machine."""
     from transformers import AutoTokenizer
@@ -256,7 +255,7 @@ def make_tokenizer(out, gguf=run.SHARED_SMOL):
 
 
 def main(argv=None):
-    ap = run.new_parser(__doc__.split("\n")[1])
+    ap = config.new_parser(__doc__.split("\n")[1])
     ap.add_argument("--tokenizer", required=True, help="an HF tokenizer folder (chat template)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_check.json"))
     ap.add_argument("--tiny", action="store_true",
@@ -288,4 +287,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run.run_cli(main)
+    config.run_cli(main)

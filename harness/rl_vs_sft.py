@@ -12,8 +12,8 @@ Chosen here:
     against seed s of SFT: the same data order). Pooled over seeds, the discordant pairs are summed
     into one test; as the seeds share their problems that p is optimistic, so the sign count (in how
     many seeds RL beats SFT) and the per-seed p stand beside it.
- 2. The account (harness/data.py, equation_account) is computed from every held-out reply: its base
-    column is the untrained model's replies, its method columns the mean over seeds.
+ 2. The account (harness/account.py) is computed from every held-out reply: its base column is
+    the untrained model's replies, its method columns the mean over seeds.
 """
 import argparse
 import json
@@ -21,8 +21,9 @@ import os
 
 import eval as evaluation
 import task
-from harness import run
-from harness.data import equation_account
+from harness import config
+from harness.files import read_jsonl
+from harness.account import equation_account
 
 
 def chosen(done, budget, method, lrs):
@@ -65,7 +66,7 @@ def accounts(rows, problems):
 def results(out):
     """A sweep folder's results.jsonl keyed by (name, split); {} before its first point."""
     path = os.path.join(out, "results.jsonl")
-    rows = run.read_jsonl(path) if os.path.isfile(path) else []
+    rows = read_jsonl(path) if os.path.isfile(path) else []
     return {(r["name"], r["split"]): r for r in rows}
 
 
@@ -201,4 +202,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run.run_cli(main)
+    config.run_cli(main)

@@ -1,5 +1,6 @@
 """
-How the update scales; none of it changes a number train_grpo.py computes:
+How the update scales, with the numbers train_grpo.py computes (the fast pass's log-probs match
+its plain pass to round-off, 1e-5 in fp32: tested):
  - out, under torchrun: every rank holds the frozen model and the same v, takes its share of the
    step's prompts, and only v's gradient (u·groups floats) is summed; without torchrun all of it is
    a no-op, so the trainers call it unconditionally;
@@ -28,28 +29,6 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 HEAD_CHUNK_BYTES = 2 ** 30  # one lm-head chunk's fp32 logits (and their backward) stay under this
 GIB = 2 ** 30
-
-
-def add_flags(ap):
-    """The trainers' flags for the loss pass and torchrun (none changes a number)."""
-    g = ap.add_argument_group("loss pass and torchrun (the same numbers, in less memory or time)")
-    g.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward")
-    g.add_argument("--micro-tokens", type=int, default=0, help="cap a micro-batch's tokens (0: no)")
-    g.add_argument("--no-shared-prompt", action="store_true",
-                   help="recompute each prompt for every sample (slower, same result)")
-    g.add_argument("--plain-logprobs", action="store_true",
-                   help="train_grpo.token_logprobs: all (b, T, vocab) logits at once (slower)")
-    g.add_argument("--grad-checkpointing", default="auto", choices=["auto", "on", "off"],
-                   help="recompute each layer in backward (memory for time); auto: on with CUDA")
-    g.add_argument("--tensor-parallel", type=int, default=1, help="GPUs per vLLM engine (torchrun)")
-    g.add_argument("--batch-invariant", action="store_true",
-                   help="vLLM's batch-invariant kernels (CUDA): a sample ignores its batch")
-    dist_flags(ap)
-
-
-def dist_flags(ap):
-    ap.add_argument("--dist-timeout", type=float, default=1800,
-                    help="under torchrun: seconds a rank waits for the others before failing")
 
 
 # ---- Out: torchrun data parallelism -------------------------------------------------------------
@@ -209,7 +188,7 @@ def memory_plan(model, tokens, checkpointing, generator_bytes, total_bytes, head
     return text, need <= total_bytes
 
 
-def fit(model, args, rt, plan=True):
+def prepare_memory(model, args, rt, plan=True):
     """Activation checkpointing as resolved; on CUDA (plan) the memory plan printed, and refused in
     one line when it cannot fit: before the generator takes its share."""
     if rt.grad_checkpointing:
@@ -229,14 +208,14 @@ def fit(model, args, rt, plan=True):
 
 
 # ---- Faster: the shared-prompt pass and the chunked lm-head ------------------------------------
-def completion_mask(lengths, C):
-    """(N, C) float: 1 on each completion's tokens, 0 on the right padding."""
-    return (torch.arange(C)[None, :] < torch.as_tensor(lengths)[:, None]).float()
+def length_mask(lengths, T):
+    """(N, T) float: 1 on each row's first lengths[i] positions, 0 on its right padding."""
+    return (torch.arange(T)[None, :] < torch.as_tensor(lengths)[:, None]).float()
 
 
-def left_pad(seqs, length):
-    """ids and mask (b, length), each sequence right-aligned."""
-    ids = torch.zeros(len(seqs), length, dtype=torch.long)
+def left_pad(seqs, length, pad=0):
+    """ids and mask (b, length), each sequence right-aligned after `pad` ids."""
+    ids = torch.full((len(seqs), length), pad, dtype=torch.long)
     mask = torch.zeros(len(seqs), length, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, length - len(s):] = torch.tensor(s, dtype=torch.long)
@@ -279,7 +258,7 @@ def token_logprobs(model, seqs, temperature, G=1):
     dev = next(model.parameters()).device
     Lp, C = max(len(p) for p, _ in seqs), max(len(c) for _, c in seqs)
     y = torch.tensor([c + [0] * (C - len(c)) for _, c in seqs], device=dev)  # (b, C) completion ids
-    cmask = completion_mask([len(c) for _, c in seqs], C).long().to(dev)  # (b, C)
+    cmask = length_mask([len(c) for _, c in seqs], C).long().to(dev)  # (b, C)
     if G == 1:
         ids, mask = left_pad([p + c + [0] * (C - len(c)) for p, c in seqs], Lp + C)
         ids, mask = ids.to(dev), mask.to(dev)

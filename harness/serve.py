@@ -20,7 +20,6 @@ Chosen here:
  3. vLLM: each adapter exported as its exact rank-r LoRA (B = U Σ R, A = Vᵀ), one LoRARequest per
     request, --max-loras slots (what one batch can mix; more wait their turn).
 """
-import json
 import os
 import time
 
@@ -29,13 +28,15 @@ import torch
 import rollout
 import task
 import tinylora
-from harness import engine, export, models, run
-from harness.data import equation_account
+from harness import config, engine, export, models, scale
+from harness.files import read_jsonl, write_jsonl
+from harness.account import equation_account
 
 
 def get_args(argv=None):
-    ap = run.new_parser(__doc__.split("\n")[1])
-    ap.add_argument("--model", default=run.SHARED_SMOL, help="hub id, local folder or .gguf file")
+    ap = config.new_parser(__doc__.split("\n")[1])
+    ap.add_argument("--model", default=config.SHARED_SMOL,
+                    help="hub id, local folder or .gguf file")
     ap.add_argument("--adapters", nargs="+", required=True, help="adapter files of that base")
     ap.add_argument("--requests", required=True, help="JSONL of {adapter, question | prompt}")
     ap.add_argument("--out", required=True, help="replies, one JSONL row per request")
@@ -75,7 +76,7 @@ def adapter_index(paths):
 
 def read_requests(path, index):
     """[(adapter index, request row)] of a requests file, every row checked first."""
-    rows = run.read_jsonl(path) if os.path.isfile(path) else None
+    rows = read_jsonl(path) if os.path.isfile(path) else None
     if rows is None:
         raise ValueError(f"--requests {path}: no such file")
     if not rows:
@@ -109,17 +110,17 @@ def prompt_ids(tok, rows, data, shots, max_prompt):
 
 def serve_hf(model, tok, bank, batches, max_new, temperature, seed):
     """Replies of batches [(adapter indices, prompt ids, request numbers)]: each batch one HF
-    generate, its rows served by their adapters (bank.rows)."""
+    generate, its rows served by their adapters (bank.adapter_of_row)."""
     from tqdm import tqdm
     eos, out = models.eos_ids(model, tok), []
     try:
         for ks, prompts, nums in tqdm(batches, "serve", unit="batch"):
-            bank.rows = torch.tensor(ks, device=bank.vs.device)
+            bank.adapter_of_row = torch.tensor(ks, device=bank.vs.device)
             seeds = rollout.row_seeds(seed, nums, 1) if temperature > 0 else None
             out += rollout.generate_hf(model, tok, prompts, 1, max_new, temperature, eos,
                                        batch_size=len(prompts), seeds=seeds)
     finally:
-        bank.rows = None
+        bank.adapter_of_row = None
     return out
 
 
@@ -164,7 +165,7 @@ def answer(args, model, tok, bank, batches):
 
 def per_adapter(requests, rows):
     """A line per adapter: its requests, and with a 'gold' in them, strict accuracy and the share of
-    '####' numbers that are not the last equation's result (harness/data.py's account)."""
+    '####' numbers that are not the last equation's result (harness/account.py)."""
     lines = []
     for name in dict.fromkeys(str(r["adapter"]) for _, r in requests):
         mine = [(r, out) for (_, r), out in zip(requests, rows) if str(r["adapter"]) == name]
@@ -207,10 +208,7 @@ def main(argv=None):
         alone = answer(args, model, tok, bank, in_batches(ks, ids, args.batch_size, True))[0]
         same = sum(a["ids"] == c["ids"] for a, c in zip(alone, comps))
         print(f"{same} of {len(comps)} replies are the ones each adapter gives served alone")
-    tmp = f"{args.out}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, args.out)
+    write_jsonl(args.out, rows)
     tokens = sum(r["tokens"] for r in rows)
     print(f"served {len(rows)} requests in mixed batches of {args.batch_size}, {len(bank.vs) - 1} "
           f"adapters held ({bank.v.numel() * 4} bytes each in fp32), in {seconds:.1f} s: "
@@ -223,10 +221,8 @@ def main(argv=None):
 def generate_timed(model, tok, prompts, max_new, reps=2, **kw):
     """Seconds to answer `prompts` in one greedy HF generate of exactly max_new tokens each (no
     early stop: every variant does the same work), the best of reps; kw: PEFT's adapter_names."""
-    L = max(map(len, prompts))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts])  # (b, L), left-padded
-    mask = (torch.arange(L)[None] >= torch.tensor([L - len(p) for p in prompts])[:, None]).long()
+    ids, mask = scale.left_pad(prompts, max(map(len, prompts)), pad)  # (b, L), left-padded
     times = []
     for _ in range(reps):
         t0 = time.time()
@@ -257,9 +253,9 @@ def bench_ours(model, tok, prompts, Ks, max_new):
     bank = tinylora.apply_tinylora(model, params=13)
     for K in Ks:
         bank.vs, ks = random_vs(K, bank.v.shape), rows_of(K, len(prompts))
-        bank.rows = torch.tensor(ks)
+        bank.adapter_of_row = torch.tensor(ks)
         out[f"mixed_{K}"] = len(prompts) * max_new / generate_timed(model, tok, prompts, max_new)
-        bank.rows, seconds = None, 0.0
+        bank.adapter_of_row, seconds = None, 0.0
         for k in dict.fromkeys(ks):
             with torch.no_grad():
                 bank.v.copy_(bank.vs[k])
@@ -384,4 +380,4 @@ def print_table(res, Ks):
 
 
 if __name__ == "__main__":
-    run.run_cli(main)
+    config.run_cli(main)

@@ -30,13 +30,14 @@ import rollout
 import task
 import tinylora
 import train_grpo
-from harness import models, rl_vs_sft, run, sft
+from harness import config, models, rl_vs_sft, sft
+from harness.files import append_jsonl, write_json
 
 TRAINERS = {"rl": train_grpo.main, "sft": sft.main}
 
 
 def get_args(argv=None):
-    ap = run.new_parser(__doc__.split("\n")[1])
+    ap = config.new_parser(__doc__.split("\n")[1])
     ap.add_argument("--budgets", default="1,13,210,xs2,xs8",
                     help="N (exact scalars) or xsR (LoRA-XS rank R)")
     ap.add_argument("--methods", default="rl,sft")
@@ -78,7 +79,7 @@ def budget_flags(b):
 def load_shared(args):
     """One model and generator for every run: (trainer args of the first run, (model, tok,
     generator))."""
-    t = train_grpo.get_args(args.trainer + ["--out", args.out])
+    t = config.trainer_args(args.trainer + ["--out", args.out])
     rt = models.runtime(t.device, t.dtype, t.backend, t.dist_timeout)
     model, tok = models.load_model(t.model, rt.dtype, rt.device)
     generator = rollout.make_generator(rt.backend, model, tok, None, t.model, args.out,
@@ -97,7 +98,7 @@ def score(generator, tok, bank, t, split, limit):
     return [dict({k: r[k] for k in evaluation.METRICS}, reply=r["reply"]) for r in res], summary
 
 
-def train_and_score(args, loaded, done, method, budget, lr, seed, splits):
+def train_and_score(args, shared, done, method, budget, lr, seed, splits):
     """Train one point (or resume it) and score it on `splits`, unless results.jsonl already has
     them."""
     name = f"{method}-{budget}-lr{lr:g}-s{seed}"
@@ -109,21 +110,21 @@ def train_and_score(args, loaded, done, method, budget, lr, seed, splits):
     argv = (["--resume", run_dir] if os.path.isfile(ckpt) else
             args.trainer + budget_flags(budget) + ["--lr", str(lr), "--seed", str(seed), "--out",
                                                    run_dir])
-    t = train_grpo.get_args(argv)
-    bank = TRAINERS[method](argv, loaded)
+    t = config.trainer_args(argv)
+    bank = TRAINERS[method](argv, shared)
     try:
         for split in todo:
-            record(args, done, loaded, bank, t,
+            record(args, done, shared, bank, t,
                    dict(name=name, method=method, budget=budget, lr=lr, seed=seed), split)
     finally:
-        tinylora.remove_tinylora(loaded[0])
+        tinylora.remove_tinylora(shared[0])
 
 
-def record(args, done, loaded, bank, t, key, split):
-    verdicts, summary = score(loaded[2], loaded[1], bank, t, split,
+def record(args, done, shared, bank, t, key, split):
+    verdicts, summary = score(shared[2], shared[1], bank, t, split,
                               args.eval_limit if split == "test" else 0)
     row = dict(key, split=split, params=bank.v.numel(), **summary, verdicts=verdicts)
-    run.append_jsonl(os.path.join(args.out, "results.jsonl"), row)
+    append_jsonl(os.path.join(args.out, "results.jsonl"), row)
     done[(key["name"], split)] = row
     strict, flexible = summary["strict"]["acc"], summary["flexible"]["acc"]
     print(f"{key['name']} [{split}]: strict {strict:.1%}  flexible {flexible:.1%}")
@@ -132,31 +133,30 @@ def record(args, done, loaded, bank, t, key, split):
 def main(argv=None):
     args = get_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    t, loaded = load_shared(args)
+    t, shared = load_shared(args)
     done = rl_vs_sft.results(args.out)
-    with open(os.path.join(args.out, "sweep.json"), "w") as f:
-        json.dump(dict(vars(args), first_run=vars(t)), f, indent=1, default=str)
+    write_json(os.path.join(args.out, "sweep.json"), dict(vars(args), first_run=vars(t)))
     from tqdm import tqdm
     # ---- base: v = 0 on both splits (any budget's adapter at v = 0 is the untouched model)
     if ("base", "test") not in done:
-        bank = tinylora.apply_tinylora(loaded[0], params=1, targets=t.targets.split(","))
+        bank = tinylora.apply_tinylora(shared[0], params=1, targets=t.targets.split(","))
         try:
             for split in ("val", "test"):
-                record(args, done, loaded, bank, t,
+                record(args, done, shared, bank, t,
                        dict(name="base", method="base", budget="0", lr=0.0, seed=0), split)
         finally:
-            tinylora.remove_tinylora(loaded[0])
+            tinylora.remove_tinylora(shared[0])
     # ---- the grid (seed 0, validation), then the chosen lr on the held-out split and with more
     # seeds
     points = [(m, b) for b in args.budgets for m in args.methods]
     for m, b in tqdm(points, desc="sweep", position=0):
         for lr in args.lrs:
-            train_and_score(args, loaded, done, m, b, lr, 0, ["val"] + ["test"] * args.test_all)
+            train_and_score(args, shared, done, m, b, lr, 0, ["val"] + ["test"] * args.test_all)
         lr = rl_vs_sft.chosen(done, b, m, args.lrs)[0]
-        train_and_score(args, loaded, done, m, b, lr, 0, ["val", "test"])
+        train_and_score(args, shared, done, m, b, lr, 0, ["val", "test"])
         extra = args.extra_seeds_for == "all" or b in args.extra_seeds_for.split(",")
         for seed in range(1, args.seeds) if extra else []:
-            train_and_score(args, loaded, done, m, b, lr, seed, ["test"])
+            train_and_score(args, shared, done, m, b, lr, seed, ["test"])
     report(args, done)
 
 
@@ -172,4 +172,4 @@ def report(args, done):
 
 
 if __name__ == "__main__":
-    run.run_cli(main)
+    config.run_cli(main)

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import task  # noqa: E402
-from harness.data import equation_account  # noqa: E402
+from harness.account import equation_account  # noqa: E402
 
 HERE = os.path.dirname(__file__)
 rows = task.load_task("arith", "test", 1)[0]

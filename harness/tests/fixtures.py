@@ -148,6 +148,17 @@ def sevens_jsonl(tmp_path_factory):
     return str(path)
 
 
+def grouped_sequences(n_groups=3, G=4, seed=0, vocab=300):
+    """n_groups prompts of 2, 5, 8, ... tokens, G completions each of uneven lengths (1..6)."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for k in range(n_groups):
+        p = torch.randint(3, vocab, (2 + 3 * k,), generator=g).tolist()
+        seqs += [(p, torch.randint(3, vocab, (1 + (3 * j + k) % 6,), generator=g).tolist())
+                 for j in range(G)]
+    return seqs
+
+
 # ---- end to end: the programs as a user runs them ------------------------------------------------
 
 def cli(script, *argv, timeout=600):

@@ -3,7 +3,7 @@ JSONL files are tested through task.py's loader, in test_task.py)."""
 import re
 
 import task
-from harness import data
+from harness import account, data
 
 
 def test_arith_split_is_deterministic_and_disjoint():
@@ -42,5 +42,5 @@ def test_equation_account_counts_copied_answers_and_right_equations_by_hand():
                "3 - 4 = -1.\n#### 7",         # a negative result, copied over
                "#### 4\n1 + 3 = 4",           # the equation after '####' does not count
                "1 + 1 = 2, then 4 + 5 = 9."]  # the last equation is the one; no '####': not copied
-    assert data.equation_account(problems, replies) == dict(n=7, copied=2 / 7,
+    assert account.equation_account(problems, replies) == dict(n=7, copied=2 / 7,
                                                             right_equations=4 / 7)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import eval as E
+from harness import config
 import task
 import tinylora
 from harness.tests.fixtures import GSM8K_TEST, cli, need_shared, tiny_model, vllm_or_skip
@@ -83,15 +84,15 @@ def test_an_adapter_for_another_model_or_a_missing_one_is_refused(tiny_folder, t
                 "--adapter", adapter, "--out", str(tmp_path / "r.json")])
     assert not (tmp_path / "r.json").exists()
     with pytest.raises(ValueError, match="adapter file not found"):
-        E.get_args(["--model", tiny_folder, "--adapter", str(tmp_path / "nope.safetensors")])
+        config.eval_args(["--model", tiny_folder, "--adapter", str(tmp_path / "nope.safetensors")])
     with pytest.raises(ValueError, match="--compare needs --adapter"):
-        E.get_args(["--model", tiny_folder, "--compare"])
+        config.eval_args(["--model", tiny_folder, "--compare"])
 
 
 def test_the_default_7b_model_without_a_gpu_is_refused_before_anything_loads(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="no GPU here.*--device cpu"):
-        E.get_args(["--limit", "5"])
+        config.eval_args(["--limit", "5"])
 
 
 def test_the_merged_bf16_route_scores_what_the_paper_scored(smol_tok, tmp_path):

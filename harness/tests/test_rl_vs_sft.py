@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from harness import rl_vs_sft, run
+from harness import config, rl_vs_sft
 
 T, F = True, False
 
@@ -93,7 +93,7 @@ def test_the_papers_contrast_holds_when_rl_beats_sft_at_13_or_fewer_and_sft_neve
 
 
 def test_the_report_of_two_sweeps_has_a_table_each_and_one_figure(tmp_path):
-    sweep = os.path.join(run.ROOT, "docs", "cpu-sweep")  # the 2-shot sweep on file (one seed)
+    sweep = os.path.join(config.ROOT, "docs", "cpu-sweep")  # the 2-shot sweep on file (one seed)
     rl_vs_sft.main([sweep, sweep, "--labels", "a,b", "--out", str(tmp_path)])
     text = (tmp_path / "table.md").read_text()
     assert text.count("| a RL vs SFT |") == text.count("| b RL vs SFT |") == 1
@@ -107,6 +107,6 @@ def test_the_report_of_two_sweeps_has_a_table_each_and_one_figure(tmp_path):
 def test_the_report_refuses_a_folder_without_results_and_a_wrong_label_count(tmp_path):
     with pytest.raises(ValueError, match="no results.jsonl"):
         rl_vs_sft.main([str(tmp_path), "--out", str(tmp_path / "out")])
-    sweep = os.path.join(run.ROOT, "docs", "cpu-sweep")
+    sweep = os.path.join(config.ROOT, "docs", "cpu-sweep")
     with pytest.raises(ValueError, match="--labels names 1 sweeps, 2 given"):
         rl_vs_sft.main([sweep, sweep, "--labels", "a", "--out", str(tmp_path / "out")])

@@ -119,7 +119,7 @@ def test_vllm_sync_matches_trainer_logprobs(tiny_llm, tiny_folder, smol_tok, tar
         seqs = [(prompts[i // 2], c["ids"]) for i, c in enumerate(comps)]
         with torch.no_grad():
             lp = tg.token_logprobs(m, seqs, T)  # (b, c)
-        mask = scale.completion_mask([len(c) for _, c in seqs], lp.shape[1])
+        mask = scale.length_mask([len(c) for _, c in seqs], lp.shape[1])
         sampler_lp = sampler_logprobs(comps)
         return ((lp - sampler_lp).abs() * mask).max().item()
 
@@ -163,7 +163,7 @@ def test_vllm_lora_push_matches_trainer_logprobs(tiny_folder, smol_tok, tmp_path
         seqs = [(prompts[i // 2], c["ids"]) for i, c in enumerate(comps)]
         with torch.no_grad():
             lp = tg.token_logprobs(m, seqs, 1.0)
-        mask = scale.completion_mask([len(c) for _, c in seqs], lp.shape[1])
+        mask = scale.length_mask([len(c) for _, c in seqs], lp.shape[1])
         return ((lp - sampler_logprobs(comps)).abs() * mask).max().item()
 
     generator.push(bank)  # v = 0: a zero LoRA

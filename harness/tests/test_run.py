@@ -6,14 +6,14 @@ import sys
 import pytest
 import torch
 
-import train_grpo as tg
-from harness import run
+from harness import config, run
+from harness.files import append_jsonl, read_jsonl
 
 
 def test_the_console_config_names_every_resolved_value_within_100_columns(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    args = tg.get_args(["--params", "13", "--preset", "cpu-demo"])
-    text = run.summary(dict(vars(args), resolved=dict(device="cpu", world_size=1)))
+    args = config.trainer_args(["--params", "13", "--preset", "cpu-demo"])
+    text = config.summary(dict(vars(args), resolved=dict(device="cpu", world_size=1)))
     words = text.split()
     assert words[0] == "config:" and all(len(line) <= 100 for line in text.splitlines())
     assert {w.split("=", 1)[0] for w in words[1:]} == set(vars(args)) | {"device", "world_size"}
@@ -26,10 +26,10 @@ def test_a_resumed_run_drops_the_log_rows_and_temp_files_past_its_checkpoint(tmp
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "checkpoint.safetensors.tmp12").write_bytes(b"torn")
     run.recover_run(str(tmp_path), 2)
-    assert run.read_jsonl(str(tmp_path / "log.jsonl")) == rows[:3]
+    assert read_jsonl(str(tmp_path / "log.jsonl")) == rows[:3]
     assert not list(tmp_path.glob("*.tmp*"))
     run.recover_run(str(tmp_path), 0)  # a fresh run in an old folder starts an empty log
-    assert run.read_jsonl(str(tmp_path / "log.jsonl")) == []
+    assert read_jsonl(str(tmp_path / "log.jsonl")) == []
 
 
 def test_the_running_mean_hand_computed():
@@ -61,17 +61,17 @@ def test_the_cpu_demo_keeps_the_optimisation_its_search_chose(monkeypatch):
     """The demo was chosen before the fork's clip, weight decay, data order, dual clip and P became
     the defaults; its preset keeps what it was chosen with (docs/reproduction.md)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    demo = tg.get_args(["--preset", "cpu-demo"])
+    demo = config.trainer_args(["--preset", "cpu-demo"])
     kept = (demo.grad_clip, demo.weight_decay, demo.shuffle, demo.dual_clip, demo.projections)
     assert kept == (1.0, 0.0, True, 0.0, "independent") and demo.warmup == 0.0
 
 
 def test_time_left_is_said_after_the_first_step_and_each_epoch_at_their_pace(tmp_path, capsys):
     log = str(tmp_path / "log.jsonl")
-    run.append_jsonl(log, dict(kind="heldout", step=0))
+    append_jsonl(log, dict(kind="heldout", step=0))
     said = []
     for step in range(1, 349):  # 116 steps an epoch, 3 epochs; the first step slower
-        run.append_jsonl(log, dict(kind="train", step=step, t_step=40.0 if step == 1 else 30.0))
+        append_jsonl(log, dict(kind="train", step=step, t_step=40.0 if step == 1 else 30.0))
         run.time_left(str(tmp_path), step, 0, 348, 116)
         said += [(step, line) for line in capsys.readouterr().out.splitlines()]
     # 347 × 40 s = 3 h 51 min; 232 × (40 + 115 × 30) / 116 s = 1 h 56 min; 116 × 30 s = 58 min
@@ -79,7 +79,7 @@ def test_time_left_is_said_after_the_first_step_and_each_epoch_at_their_pace(tmp
         (1, "step 1 took 40.0 s (a first step can be slower): 347 steps left ≈ 3 h 51 min"),
         (116, "epoch 1 done at 30.1 s a step: 232 steps left ≈ 1 h 56 min"),
         (232, "epoch 2 done at 30.0 s a step: 116 steps left ≈ 0 h 58 min")]
-    run.append_jsonl(log, dict(kind="train", step=101, t_step=50.0))  # resumed at 100 elsewhere
+    append_jsonl(log, dict(kind="train", step=101, t_step=50.0))  # resumed at 100 elsewhere
     run.time_left(str(tmp_path), 101, 100, 348, 116)  # its first step alone sets the pace
     assert capsys.readouterr().out.startswith("step 101 took 50.0 s")
 

@@ -11,9 +11,9 @@ import torch
 
 import tinylora
 import train_grpo as tg
-from harness import scale
-from harness.tests.fixtures import cli, run_state, tiny_model, tiny_run_args, torchrun
-from harness.tests.test_train_grpo import grouped_sequences
+from harness import config, scale
+from harness.tests.fixtures import (cli, grouped_sequences, run_state, tiny_model, tiny_run_args,
+                                    torchrun)
 
 
 # ---- faster: the shared-prompt pass -----------------------------------------------------------
@@ -21,7 +21,7 @@ from harness.tests.test_train_grpo import grouped_sequences
 def fast_and_plain(m, bank, seqs, G):
     """Per-token log-probs and the gradient of v of a weighted sum, by the fast pass (G) and by
     train_grpo.token_logprobs."""
-    mask = scale.completion_mask([len(c) for _, c in seqs], max(len(c) for _, c in seqs))
+    mask = scale.length_mask([len(c) for _, c in seqs], max(len(c) for _, c in seqs))
     w = torch.randn(mask.shape, generator=torch.Generator().manual_seed(7)) * mask
     out = []
     for lp in (scale.token_logprobs(m, seqs, 0.8, G=G), tg.token_logprobs(m, seqs, 0.8)):
@@ -160,9 +160,9 @@ def test_a_batch_that_does_not_split_into_whole_groups_per_rank_is_refused(monke
                                                                           tiny_folder):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"--batch-prompts 6 does not split into --mini-batches 2"):
-        tg.get_args(["--model", tiny_folder, "--data", "arith", "--batch-prompts", "6"])
+        config.trainer_args(["--model", tiny_folder, "--data", "arith", "--batch-prompts", "6"])
     with pytest.raises(ValueError, match="--tensor-parallel 3 must divide the 2 ranks"):
-        tg.get_args(["--model", tiny_folder, "--data", "arith", "--batch-prompts", "8",
+        config.trainer_args(["--model", tiny_folder, "--data", "arith", "--batch-prompts", "8",
                      "--tensor-parallel", "3"])
 
 

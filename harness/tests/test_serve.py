@@ -8,7 +8,8 @@ import torch
 
 import task
 import tinylora
-from harness import models, run, serve
+from harness import config, models, serve
+from harness.files import read_jsonl
 from harness.tests.fixtures import SMOL_GGUF, need_shared, vllm_or_skip
 
 QUESTIONS = ["What is 2 + 5?", "What is 3 + 4?", "Compute 6 + 1.", "What is 1 + 6?"]
@@ -154,16 +155,16 @@ def test_the_serving_benchmark_measures_every_comparison(tiny_folder, capsys):
 def test_the_readme_demo_gives_each_adapter_its_held_out_replies_from_the_sweep(tmp_path):
     """README's demo on real SmolLM2, the first 6 of its problems: every mixed-batch reply is the
     reply the sweep's held-out evaluation of that adapter (or the base) wrote for that problem."""
-    demo = run.ROOT + "/docs/serve-demo"
+    demo = config.ROOT + "/docs/serve-demo"
     names = {"base": "base", "rl13-seed0": "rl-13-lr0.03-s0", "rl13-seed2": "rl-13-lr0.03-s2",
              "sft13-seed2": "sft-13-lr0.01-s2"}
-    requests = run.read_jsonl(f"{demo}/requests.jsonl")[:24]
+    requests = read_jsonl(f"{demo}/requests.jsonl")[:24]
     (tmp_path / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
     rows = serve.main(["--model", need_shared(SMOL_GGUF), "--adapters",
                        *[f"{demo}/{n}.safetensors" for n in list(names)[1:]],
                        "--requests", str(tmp_path / "req.jsonl"), "--out", str(tmp_path / "o")])
     sweep = {(r["name"], r["split"]): r for r in
-             run.read_jsonl(run.ROOT + "/docs/rl-vs-sft/shots1/results.jsonl")}
+             read_jsonl(config.ROOT + "/docs/rl-vs-sft/shots1/results.jsonl")}
     questions = task.load_task("arith", "test", 1)[0]  # the sweep's held-out problems, in order
     where = {row["question"]: i for i, row in enumerate(questions)}
     expected = [sweep[(names[r["adapter"]], "test")]["verdicts"][where[r["question"]]]["reply"]

@@ -39,7 +39,7 @@ def test_sft_gradient_is_the_mean_token_nll_of_the_solutions(smol_tok, micro_bat
         n += len(c)
     ref = torch.autograd.grad(nll / n, bank.v)[0]
     opt = torch.optim.AdamW([bank.v], lr=0.0, weight_decay=0.0)
-    hp = tg.Hyper(0.2, 0.4, 2.0, "token-mean", 8, 1.0, 1e9, micro_batch)  # no clipping
-    loss, _ = sft.sft_update(m, opt, seqs, [0.0], hp)
+    how = tg.Pass(temperature=1.0, micro_batch=micro_batch, micro_tokens=0, G=1, plain=False)
+    loss, _ = sft.sft_update(m, opt, seqs, [0.0], how, grad_clip=1e9)  # no clipping
     assert loss == pytest.approx((nll / n).item(), rel=1e-5)
     assert torch.allclose(bank.v.grad, ref, rtol=1e-4, atol=1e-7), (bank.v.grad, ref)

@@ -115,8 +115,10 @@ def test_shots_and_validation_come_from_train_and_are_never_trained_on():
 
 
 def test_gsm8k_solution_drops_calculator_annotations():
-    row = task.gsm8k_row({"question": "q?", "answer": "48/2 = <<48/2=24>>24 clips.\n#### 24"}, "x")
-    assert row == dict(question="q?", gold=24.0, answer="24", solution="48/2 = 24 clips.\n#### 24")
+    problem = task.gsm8k_problem({"question": "q?",
+                                  "answer": "48/2 = <<48/2=24>>24 clips.\n#### 24"}, "x")
+    assert problem == dict(question="q?", gold=24.0, answer="24",
+                           solution="48/2 = 24 clips.\n#### 24")
 
 
 def test_prompt_is_the_shots_as_earlier_turns_in_one_format(smol_tok):

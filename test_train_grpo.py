@@ -1,6 +1,6 @@
 """Specifications of train_grpo.py: the advantages, the loss against a token-by-token reference, the
 plain log-probs, the update's direction, micro-batching and π_old, the command line, and an exact
-resume after kill -9. CPU only, no network."""
+resume after kill -9. CPU only, no network. Run: pytest -q test_train_grpo.py"""
 import json
 import math
 import os
@@ -17,15 +17,21 @@ import rollout
 import task
 import tinylora
 import train_grpo as tg
-from harness import scale
-from harness.tests.fixtures import (ROOT, SMOL_GGUF, cli, need_shared, run_state, tiny_model,
-                                    tiny_run_args)
+from harness import config, scale
+from harness.run import sampler_logprobs
+from harness.tests.fixtures import (ROOT, SMOL_GGUF, cli, grouped_sequences, need_shared,
+                                    run_state, tiny_model, tiny_run_args)
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 
-def hyper(mode="token-mean", micro_batch=3, G=1, plain=False, max_new=8):
-    return tg.Hyper(0.2, 0.4, 2.0, mode, max_new, 1.0, 1.0, micro_batch, 0, G, plain)
+def hyper(mode="token-mean", max_new=8):
+    return tg.Hyper(eps_low=0.2, eps_high=0.4, dual_clip=0.0, tis_cap=2.0, loss_agg=mode,
+                    max_new_tokens=max_new)
+
+
+def how(micro_batch=3, G=1, plain=False):
+    return tg.Pass(temperature=1.0, micro_batch=micro_batch, micro_tokens=0, G=G, plain=plain)
 
 
 # ---- advantages, aggregation, the loss --------------------------------------------------------
@@ -51,7 +57,7 @@ def test_aggregations_hand_computed():
 
 
 def test_per_rank_weights_with_global_totals_add_up_to_the_whole_batch():
-    mask = scale.completion_mask([3, 1, 4, 2, 5, 2], 5)  # (6, 5)
+    mask = scale.length_mask([3, 1, 4, 2, 5, 2], 5)  # (6, 5)
     for mode in MODES:
         halves = [tg.agg_weights(mask[s], mode, 5, mask.sum().item(), 6)
                   for s in (slice(0, 3), slice(3, 6))]
@@ -71,7 +77,7 @@ def test_the_dual_clip_caps_a_negative_advantages_loss_at_c_times_its_size():
     gradient; A > 0, or ratios under c, are untouched."""
     logp = torch.log(torch.tensor([[5.0, 2.0, 0.5], [5.0, 2.0, 0.5]])).requires_grad_()
     A = torch.tensor([-1.0, 1.0])
-    pg, _ = tg.ppo_clip_loss(logp, torch.zeros(2, 3), A, 0.2, 0.4, c=3.0)
+    pg, _ = tg.ppo_clip_loss(logp, torch.zeros(2, 3), A, 0.2, 0.4, dual_clip=3.0)
     assert torch.allclose(pg, torch.tensor([[3.0, 2.0, 0.8], [-1.4, -1.4, -0.5]]), atol=1e-6)
     g, = torch.autograd.grad(pg.sum(), logp)
     assert g[0, 0] == 0 and g[0, 1] != 0  # capped: no gradient; 2 < c: the plain PPO term
@@ -84,7 +90,7 @@ def test_the_forks_clip_and_weight_decay_in_this_parameterisations_units_give_it
     1.25e-4, weight decay 0.01, clip 1.0 on its gradient) and two of ours (the defaults: lr 2e-3,
     0.01/16, 1/16) from the same point move ΔW alike: the first gradient is clipped, the second is
     not, so Adam's moments see the clip."""
-    args = tg.get_args(["--device", "cpu"])
+    args = config.trainer_args(["--device", "cpu"])
 
     def train(v0, scale_, lr, wd, clip):  # ΔW = scale · v; the loss ‖ΔW − target‖²
         v = torch.nn.Parameter(v0.clone())
@@ -144,7 +150,7 @@ def test_grpo_loss_equals_the_token_by_token_reference(data, B, C, mode):
     logp = (old_lp + floats(-0.6, 0.6, B * C).view(B, C)).requires_grad_()  # across the clip
     sampler_lp = old_lp - floats(-1.5, 1.5, B * C).view(B, C)  # π_old/π_sampler across the cap
     A = floats(-2, 2, B)
-    w = tg.agg_weights(scale.completion_mask(lengths, C), mode, 8)
+    w = tg.agg_weights(scale.length_mask(lengths, C), mode, 8)
     loss, lo, hi = tg.grpo_loss(logp, old_lp, sampler_lp, A, w, hyper(mode))
     ref, rlo, rhi = reference_loss(logp, old_lp, sampler_lp, A, lengths, mode, 8)
     g, = torch.autograd.grad(loss, logp)
@@ -203,17 +209,6 @@ def batch_of_sequences(n=7, seed=0):
              torch.randint(3, 300, (1 + (5 * i) % 6,), generator=g).tolist()) for i in range(n)]
 
 
-def grouped_sequences(n_groups=3, G=4, seed=0, vocab=300):
-    """n_groups prompts of 2, 5, 8, ... tokens, G completions each of uneven lengths (1..6)."""
-    g = torch.Generator().manual_seed(seed)
-    seqs = []
-    for k in range(n_groups):
-        p = torch.randint(3, vocab, (2 + 3 * k,), generator=g).tolist()
-        seqs += [(p, torch.randint(3, vocab, (1 + (3 * j + k) % 6,), generator=g).tolist())
-                 for j in range(G)]
-    return seqs
-
-
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_one_update_moves_the_log_prob_in_the_direction_of_the_advantage(sign):
     m = tiny_model("qwen2", vocab=300, layers=2)
@@ -223,7 +218,7 @@ def test_one_update_moves_the_log_prob_in_the_direction_of_the_advantage(sign):
     grad, = torch.autograd.grad(lp0, bank.v)  # ∂ log π(completion) / ∂v
     opt = torch.optim.AdamW([bank.v], lr=1e-3, weight_decay=0.0)
     ro = rollouts([seq], [sign], tg.token_logprobs(m, [seq], 1.0).detach())
-    tg.policy_update(m, opt, ro, [1e-3], hyper())
+    tg.policy_update(m, opt, ro, [1e-3], hyper(), how(), 1.0)
     dv = bank.v.detach()  # v started at 0; Adam's first step is lr · sign(A · ∂logπ/∂v)
     assert torch.equal(torch.sign(dv), torch.sign(sign * grad))
     with torch.no_grad():
@@ -247,14 +242,14 @@ def test_a_micro_batched_mini_batch_has_the_whole_mini_batchs_gradient(mode):
     ro = rollouts(seqs, torch.randn(14, generator=g), old_lp - 1.5 * torch.randn(cur.shape,
                                                                                  generator=g))
     idx = list(range(7, 14))  # the second mini-batch: its own rows, not the first ones
-    w = tg.agg_weights(scale.completion_mask(lengths, C)[idx], mode, 8)
+    w = tg.agg_weights(scale.length_mask(lengths, C)[idx], mode, 8)
     ref, _, _ = reference_loss(tg.token_logprobs(m, [seqs[i] for i in idx], 1.0), old_lp[idx],
                                ro.sampler_lp[idx], ro.A[idx], [lengths[i] for i in idx], mode, 8)
     gref, = torch.autograd.grad(ref, bank.v)
     assert gref.abs().max() > 0
     for mb in (3, 7):  # 3 does not divide 7: micro-batches of 3, 3, 1
         bank.v.grad = None
-        tg.minibatch_backward(m, ro, idx, old_lp, w, hyper(mode, mb))
+        tg.minibatch_backward(m, ro, idx, old_lp, w, hyper(mode), how(mb))
         assert torch.allclose(bank.v.grad, gref, rtol=1e-4, atol=1e-7), (mb, bank.v.grad, gref)
 
 
@@ -269,8 +264,8 @@ def test_pi_old_is_the_policy_before_the_first_step_with_one_or_two_mini_batches
             before = tg.token_logprobs(m, seqs, 1.0)
         opt = torch.optim.AdamW([bank.v], lr=1e-1, weight_decay=0.0)
         ro = rollouts(seqs, [1.0, -1, 0.5, -0.5, 2, -2, 1, -1], before)
-        old_lp, _ = tg.policy_update(m, opt, ro, [1e-1] * M, hyper())
-        mask = scale.completion_mask([len(c) for _, c in seqs], before.shape[1]).bool()
+        old_lp, _ = tg.policy_update(m, opt, ro, [1e-1] * M, hyper(), how(), 1.0)
+        mask = scale.length_mask([len(c) for _, c in seqs], before.shape[1]).bool()
         assert torch.allclose(old_lp[mask], before[mask], atol=1e-5)  # not after the first step
         assert not torch.allclose(bank.v, torch.full_like(bank.v, 0.2))
         olds.append(old_lp)
@@ -284,17 +279,17 @@ def test_the_update_is_the_same_with_the_fast_pass_and_with_the_plain_one(mini_b
     seqs = grouped_sequences(n_groups=4, G=3)
     A = torch.randn(12, generator=torch.Generator().manual_seed(3))
     results = []
-    for hp in (hyper(micro_batch=5, G=3), hyper(micro_batch=5, plain=True)):
+    for pass_ in (how(micro_batch=5, G=3), how(micro_batch=5, plain=True)):
         m = tiny_model("qwen2", vocab=300, layers=2)
         bank = tinylora.apply_tinylora(m, params=5)
         with torch.no_grad():
             sampler_lp = tg.token_logprobs(m, seqs, 1.0) - 0.1
         opt = torch.optim.AdamW([bank.v], lr=1e-2, weight_decay=0.0)
         old_lp, stats = tg.policy_update(m, opt, rollouts(seqs, A, sampler_lp),
-                                         [1e-2] * mini_batches, hp)
+                                         [1e-2] * mini_batches, hyper(), pass_, 1.0)
         results.append((old_lp, bank.v.detach().clone(), stats["grad_norm"]))
     (o1, v1, g1), (o2, v2, g2) = results
-    mask = scale.completion_mask([len(c) for _, c in seqs], o1.shape[1]).bool()
+    mask = scale.length_mask([len(c) for _, c in seqs], o1.shape[1]).bool()
     assert torch.allclose(o1[mask], o2[mask], atol=1e-5) and torch.allclose(v1, v2, atol=1e-6)
     assert g1 == pytest.approx(g2, rel=1e-4)
 
@@ -311,11 +306,10 @@ def test_an_update_on_real_rollouts_changes_v_and_nothing_else(smol_tok, mini_ba
     comps = rollout.generate_hf(m, smol_tok, prompts, 4, 8, 1.0, [smol_tok.eos_token_id])
     assert len(comps) == 8 and all(len(c["ids"]) == len(c["logprobs"]) for c in comps)
     seqs = [(prompts[i // 4], c["ids"]) for i, c in enumerate(comps)]
-    from harness.run import sampler_logprobs
     ro = rollouts(seqs, tg.group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 1, 0, 0]), 4),
                   sampler_logprobs(comps))
     opt = torch.optim.AdamW([bank.v], lr=1e-2, weight_decay=0.0)
-    old_lp, stats = tg.policy_update(m, opt, ro, [1e-2] * mini_batches, hyper())
+    old_lp, stats = tg.policy_update(m, opt, ro, [1e-2] * mini_batches, hyper(), how(), 1.0)
     mask = ro.sampler_lp != 0  # HF's recorded log-probs (after the temperature) are the trainer's
     assert (old_lp - ro.sampler_lp)[mask].abs().max() < 1e-4
     assert bank.v.abs().min() > 0 and stats["grad_norm"] > 0
@@ -428,5 +422,5 @@ def test_proj_seed_fixes_P_and_the_factors_and_seed_only_the_data_and_samples(
 def test_the_gpu_recipe_on_a_machine_without_a_gpu_is_refused_before_anything_loads(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="no GPU here.*--preset cpu-demo.*--device cpu"):
-        tg.get_args(["--params", "13"])
-    assert tg.get_args(["--preset", "cpu-demo"]).model != "Qwen/Qwen2.5-7B-Instruct"
+        config.trainer_args(["--params", "13"])
+    assert config.trainer_args(["--preset", "cpu-demo"]).model != "Qwen/Qwen2.5-7B-Instruct"
