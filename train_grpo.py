@@ -60,6 +60,12 @@ def tis_weight(old_lp, sampler_lp, cap):
     """Truncated importance sampling: min(π_old/π_sampler, cap), per token, no gradient."""
     return torch.exp(old_lp - sampler_lp).clamp(max=cap).detach()
 
+def low_var_kl(logp, ref_lp):
+    """verl's k3 estimate of KL(π ‖ π_ref) per token, exp(r) − r − 1 with r = log π_ref − log π,
+    clamped as verl (core_algos.kl_penalty 'low_var_kl'): r to ±20, the result to ±10."""
+    r = (ref_lp - logp).clamp(-20, 20)
+    return (r.exp() - r - 1).clamp(-10, 10)
+
 def ppo_clip_loss(logp, old_lp, A, eps_low, eps_high, dual_clip=0.0):
     """Per-token −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), ρ = π/π_old; dual_clip c > 0: verl's dual
     clip caps the loss of a negative advantage at −cA. logp, old_lp (B, T); A (B,)."""
@@ -70,47 +76,65 @@ def ppo_clip_loss(logp, old_lp, A, eps_low, eps_high, dual_clip=0.0):
     return loss, rho
 
 # The loss's constants, the flags of the same names (harness/config.py)
-Hyper = namedtuple("Hyper", "eps_low eps_high dual_clip tis_cap loss_agg max_new_tokens")
+Hyper = namedtuple("Hyper", "eps_low eps_high dual_clip tis_cap loss_agg max_new_tokens kl_coef "
+                   "entropy_coef")
 # How the loss pass runs, the same numbers in less memory or time: log π after the temperature,
 # micro-batches of whole groups (micro_batch sequences, about micro_tokens tokens), each group's
 # prompt run once when G > 1 (harness/scale.py; G = 1 under checkpointing), or plain:
-# token_logprobs below
-Pass = namedtuple("Pass", "temperature micro_batch micro_tokens G plain")
+# token_logprobs below; entropy: each token's H(π) too
+Pass = namedtuple("Pass", "temperature micro_batch micro_tokens G plain entropy")
 
-def grpo_loss(logp, old_lp, sampler_lp, A, w, hyper):
-    """Σ w·TIS·PPO-clip over tokens, and how many tokens the clip cut off below and above.
-    logp (b, T) with grad; old_lp, sampler_lp (b, T); A (b,); w (b, T), > 0 on completion tokens."""
+def grpo_loss(logp, old_lp, sampler_lp, A, w, hyper, ref_lp=None, entropy=None):
+    """Σ w·(TIS·PPO-clip + kl_coef·k3(π, π_ref) − entropy_coef·H(π)) over tokens (verl's), and the
+    sums over real tokens of the clip's cuts below and above, k3 and H. logp (b, T) with grad;
+    old_lp, sampler_lp, ref_lp, entropy (b, T); A (b,); w (b, T), > 0 on completion tokens."""
     pg, rho = ppo_clip_loss(logp, old_lp, A, hyper.eps_low, hyper.eps_high, hyper.dual_clip)
     loss = (pg * tis_weight(old_lp, sampler_lp, hyper.tis_cap) * w).sum()
     real, A = w > 0, A[:, None]
-    clipped_low = ((rho < 1 - hyper.eps_low) & (A < 0) & real).sum().item()
-    clipped_high = ((rho > 1 + hyper.eps_high) & (A > 0) & real).sum().item()
-    return loss, clipped_low, clipped_high
+    sums = dict(clip_low=((rho < 1 - hyper.eps_low) & (A < 0) & real).sum().item(),
+                clip_high=((rho > 1 + hyper.eps_high) & (A > 0) & real).sum().item())
+    if hyper.kl_coef:
+        kl = low_var_kl(logp, ref_lp)
+        loss, sums["kl"] = loss + hyper.kl_coef * (kl * w).sum(), kl[real].sum().item()
+    if hyper.entropy_coef:
+        loss = loss - hyper.entropy_coef * (entropy * w).sum()
+        sums["entropy"] = entropy[real].sum().item()
+    return loss, sums
 
 # ---- Log-probs through the adapter ---------------------------------------------------------------
-def token_logprobs(model, seqs, temperature):
-    """log π of every completion token through the adapter, with grad: (b, C), right-padded. seqs:
-    (prompt ids, completion ids) per sample; one forward over each prompt + completion."""
+def token_logprobs(model, seqs, temperature, entropy=False):
+    """log π of every completion token through the adapter, with grad: (b, C), right-padded (with
+    entropy: and each position's H(π), a pair). seqs: (prompt ids, completion ids) per sample; one
+    forward over each prompt + completion."""
     dev, L = next(model.parameters()).device, max(len(p) + len(c) for p, c in seqs)
     ids = torch.tensor([p + c + [0] * (L - len(p) - len(c)) for p, c in seqs], device=dev)  # (b, L)
     # right padding: the real tokens keep their positions 0, 1, ...
     mask = scale.length_mask([len(p) + len(c) for p, c in seqs], L).long().to(dev)  # (b, L)
     logits = model(input_ids=ids, attention_mask=mask).logits.float() / temperature  # (b, L, V)
-    lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # (b, L-1): token t+1
+    logp = logits[:, :-1].log_softmax(-1)  # (b, L-1, V): token t+1
+    lp = logp.gather(-1, ids[:, 1:, None])[..., 0]  # (b, L-1)
     C = max(len(c) for _, c in seqs)
-    return torch.stack([F.pad(lp[i, len(p) - 1:len(p) - 1 + len(c)], (0, C - len(c)))
-                        for i, (p, c) in enumerate(seqs)])
+
+    def completions(x):  # (b, L-1) -> (b, C)
+        return torch.stack([F.pad(x[i, len(p) - 1:len(p) - 1 + len(c)], (0, C - len(c)))
+                            for i, (p, c) in enumerate(seqs)])
+    if not entropy:
+        return completions(lp)
+    return completions(lp), completions(-(logp.exp() * logp).sum(-1))
 
 def logprobs(model, seqs, how):
-    """token_logprobs, or by default the same numbers faster: harness/scale.token_logprobs."""
+    """(log π (b, C), H(π) (b, C) or None): token_logprobs, or by default the same numbers faster
+    (harness/scale.token_logprobs)."""
     if how.plain:
-        return token_logprobs(model, seqs, how.temperature)
-    return scale.token_logprobs(model, seqs, how.temperature, how.G)
+        out = token_logprobs(model, seqs, how.temperature, how.entropy)
+    else:
+        out = scale.token_logprobs(model, seqs, how.temperature, how.G, how.entropy)
+    return out if how.entropy else (out, None)
 
 # ---- The update: π_old, then one AdamW step per mini-batch of whole groups ----------------------
 # A rollout batch: (prompt ids, completion ids) per sample, G per prompt; A (N,); the sampler's
-# log-probs (N, C), right-padded.
-Rollouts = namedtuple("Rollouts", "seqs A sampler_lp")
+# and (with a KL term) the base model's log-probs (N, C), right-padded.
+Rollouts = namedtuple("Rollouts", "seqs A sampler_lp ref_lp")
 
 @torch.no_grad()
 def old_logprobs(model, seqs, C, how):
@@ -118,28 +142,41 @@ def old_logprobs(model, seqs, C, how):
     old_lp = torch.zeros(len(seqs), C)
     lengths = [(len(p), len(c)) for p, c in seqs]
     for micro in scale.micro_batches(lengths, how.micro_batch, how.G, how.micro_tokens):
-        lp = logprobs(model, [seqs[i] for i in micro], how)
+        lp, _ = logprobs(model, [seqs[i] for i in micro], how._replace(entropy=False))
         old_lp[micro, :lp.shape[1]] = lp.cpu()
     return old_lp
+
+@torch.no_grad()
+def ref_logprobs(model, bank, seqs, C, how):
+    """π_ref (N, C), the base model's log-probs: with TinyLoRA the base is this model at v = 0, so
+    no second model; one no-grad pass with v zeroed (the same fast pass as π_old's), then v back."""
+    v = bank.v.detach().clone()
+    bank.v.zero_()
+    try:
+        return old_logprobs(model, seqs, C, how)
+    finally:
+        bank.v.copy_(v)
 
 def minibatch_backward(model, rollouts, idx, old_lp, w, hyper, how):
     """Backward of one mini-batch's loss Σ w·ℓ over the samples idx (whole groups), micro-batch by
     micro-batch; w (len(idx), C). old_lp None: this pass is π_old (one mini-batch per batch).
     Returns its log-probs (len(idx), C), detached, and the tokens clipped below and above."""
     lengths = [(len(rollouts.seqs[i][0]), len(rollouts.seqs[i][1])) for i in idx]
-    lp_out, clipped = torch.zeros(w.shape), [0, 0]
+    lp_out, sums = torch.zeros(w.shape), {}
     with scale.loss_mode(model):  # train() only when the layers are checkpointed
         for micro in scale.micro_batches(lengths, how.micro_batch, how.G, how.micro_tokens):
             picked = [idx[j] for j in micro]  # their places in rollouts
-            lp = logprobs(model, [rollouts.seqs[i] for i in picked], how)  # (b, T) with grad
-            T, dev = lp.shape[1], lp.device
+            lp, entropy = logprobs(model, [rollouts.seqs[i] for i in picked], how)  # with grad
+            T, dev = lp.shape[1], lp.device  # lp (b, T)
             old = lp.detach() if old_lp is None else old_lp[picked, :T].to(dev)
-            loss, low, high = grpo_loss(lp, old, rollouts.sampler_lp[picked, :T].to(dev),
-                                        rollouts.A[picked].to(dev), w[micro, :T].to(dev), hyper)
+            ref = None if rollouts.ref_lp is None else rollouts.ref_lp[picked, :T].to(dev)
+            loss, micro_sums = grpo_loss(lp, old, rollouts.sampler_lp[picked, :T].to(dev),
+                                         rollouts.A[picked].to(dev), w[micro, :T].to(dev), hyper,
+                                         ref_lp=ref, entropy=entropy)
             loss.backward()
             lp_out[micro, :T] = lp.detach().cpu()
-            clipped = [clipped[0] + low, clipped[1] + high]
-    return lp_out, *clipped
+            sums = {k: sums.get(k, 0) + x for k, x in micro_sums.items()}
+    return lp_out, sums
 
 def step_v(opt, lr, grad_clip):
     """One AdamW step at `lr` on v (the optimizer's tensor), its gradient summed and clipped."""
@@ -156,15 +193,14 @@ def policy_update(model, opt, rollouts, lrs, hyper, how, grad_clip):
     N, C, M = len(rollouts.seqs), rollouts.sampler_lp.shape[1], len(lrs)
     mask = scale.length_mask([len(c) for _, c in rollouts.seqs], C)  # (N, C): completion tokens
     old_lp = old_logprobs(model, rollouts.seqs, C, how) if M > 1 else None
-    stats = dict(clip_low=0, clip_high=0, grad_norm=0.0)
+    stats = {}  # over every token of the batch (every rank's): sums, then the last gradient norm
     for m, lr in enumerate(lrs):
         idx = list(range(m * N // M, (m + 1) * N // M))  # the mini-batch, whole groups
         n_tokens, n_seqs = scale.all_sum(mask[idx].sum().item()), scale.all_sum(len(idx))
         w = agg_weights(mask[idx], hyper.loss_agg, hyper.max_new_tokens, n_tokens, n_seqs)
         opt.zero_grad(set_to_none=True)
-        lp, low, high = minibatch_backward(model, rollouts, idx, old_lp, w, hyper, how)
-        stats["clip_low"] += scale.all_sum(low)
-        stats["clip_high"] += scale.all_sum(high)
+        lp, sums = minibatch_backward(model, rollouts, idx, old_lp, w, hyper, how)
+        stats = {k: stats.get(k, 0) + scale.all_sum(x) for k, x in sums.items()}
         stats["grad_norm"] = step_v(opt, lr, grad_clip)
     return (lp if old_lp is None else old_lp), stats
 
@@ -174,7 +210,7 @@ def make_generator(args, rt, model, tok, bank):
     return rollout.make_generator(
         rt.backend, model, tok, bank, args.model, args.out, args.max_prompt + args.max_new_tokens,
         args.seed, gpu_memory_utilization=args.gpu_memory_utilization, sync=args.sync,
-        tensor_parallel=args.tensor_parallel, batch_invariant=args.batch_invariant)
+        tensor_parallel=args.tensor_parallel)
 
 def build(args, shared=None):
     """Both trainers' build: the runtime, the data, the model with TinyLoRA (v = 0: the base), the
@@ -187,7 +223,7 @@ def build(args, shared=None):
     model, tok = shared[:2] if shared else models.load_model(args.model, rt.dtype, rt.device)
     bank = tinylora.apply_tinylora(model, **config.adapter_kwargs(args))  # v = 0: the base
     scale.prepare_memory(model, args, rt, plan=not shared)  # checkpointing; CUDA's memory plan
-    train = task.prompt_ids(tok, problems, shots, args.max_prompt)  # [(problem, prompt ids)]
+    train = task.prompt_ids(tok, problems, shots, args.max_prompt, args.prompt)  # [(problem, ids)]
     run.start(args, rt, bank, problems, train)  # the plan, the data, config.json
     opt = torch.optim.AdamW([bank.v], lr=args.lr, betas=tuple(args.betas),
                             weight_decay=args.weight_decay)
@@ -204,7 +240,7 @@ def main(argv=None, shared=None):
     hyper = Hyper(**{k: vars(args)[k] for k in Hyper._fields})
     how = Pass(temperature=args.temperature, micro_batch=args.micro_batch,
                micro_tokens=args.micro_tokens, G=G if one_prompt_pass else 1,
-               plain=args.plain_logprobs)
+               plain=args.plain_logprobs, entropy=args.entropy_coef > 0)
     generator.push(bank)  # v = 0, or the resumed v
     if args.eval_n and start == 0:
         run.log(args, evaluation.heldout(generator, tok, args, 0))
@@ -233,7 +269,9 @@ def main(argv=None, shared=None):
         t1 = time.time()
         seqs = [(p, c["ids"]) for p, c in zip(prompts, completions)]
         lrs = [task.lr_at(step, total_steps, args.lr, args.warmup)] * args.mini_batches
-        rollouts = Rollouts(seqs, A, run.sampler_logprobs(completions))
+        sampler_lp = run.sampler_logprobs(completions)  # (b·G, C)
+        ref_lp = ref_logprobs(model, bank, seqs, sampler_lp.shape[1], how) if args.kl_coef else None
+        rollouts = Rollouts(seqs, A, sampler_lp, ref_lp)
         old_lp, stats = policy_update(model, opt, rollouts, lrs, hyper, how, args.grad_clip)
         opt_steps, t_train = opt_steps + args.mini_batches, time.time() - t1
 

@@ -24,6 +24,7 @@ import torch
 
 import task
 import tinylora
+from harness import data
 from harness.models import check_paths
 
 PAPER_MODEL = "Qwen/Qwen2.5-7B-Instruct"
@@ -61,11 +62,13 @@ FLAGS = {
         max_prompt=(512, "prompt tokens; longer prompts are dropped (fork: 512)"),
         shots=(None, "solved problems before the question (default 0, arith 2)", int),
         val=(0, "the last N training problems form a validation split"),
+        prompt=("gsm8k", "gsm8k: the paper's suffix; qwen-boxed: SimpleRL's system and \\boxed{}",
+                list(task.PROMPTS)),
     ),
     "rollout": dict(
         backend=("auto", "auto: vLLM when installed, else HF generate", ["auto", "vllm", "hf"]),
         reward=("paper", "paper: verl's GSM8K rule (the paper's); strict: stopped, equal as "
-                "numbers", list(task.REWARDS)),
+                "numbers; math: verl's MATH rule (the fork's); math-verify", list(task.REWARDS)),
         batch_prompts=(64, "prompts per rollout batch (paper: 64)"),
         group_size=(4, "samples per prompt, G (paper: 4)"),
         max_new_tokens=(4096, "new tokens per sample (paper: 4096)"),
@@ -82,6 +85,8 @@ FLAGS = {
         tis_cap=(2.0, "truncated importance sampling cap (fork: 2)"),
         loss_agg=("token-mean", "aggregation (fork: token-mean)",
                   ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]),
+        kl_coef=(0.0, "verl's low_var_kl to the base (v = 0), in the loss (paper GSM8K: none)"),
+        entropy_coef=(0.0, "entropy bonus on the sampled distribution (fork GSM8K: 0)"),
     ),
     "optimisation": dict(
         epochs=(3, "passes over the training problems (paper: 3)"),
@@ -122,12 +127,26 @@ FLAGS = {
         batch_size=(64, "prompts per HF generate call"),
         out=(None, "the JSON report (default: beside the adapter)", str),
         work_dir=(".cache", "where vLLM's copy of a .gguf model goes"),
+        suite=(None, "math: Table 2's six benchmarks (--data: a folder of <name>/test.jsonl in "
+               "SimpleRL's layout, or hub)", str),
+        samples=(1, "replies per problem: 1 greedy, k > 1 avg@k sampled as the fork (T 1, top-p "
+                 ".95)"),
     ),
 }
+SUITE_DEFAULTS = dict(data="hub", prompt="qwen-boxed", max_prompt=1024, max_new_tokens=16000)
 TRAIN_GROUPS = ("model", "adapter", "data", "rollout", "loss", "optimisation", "this run",
                 "loss pass and torchrun (the same numbers, in less memory or time)")
 
-# ---- Presets: named differences over the defaults -----------------------------------------
+# ---- Recipes and presets: named differences over the defaults -----------------------------
+RECIPES = {  # the paper's other recipe (§5.1, Table 2): SimpleRL-Zoo's MATH settings, the fork's
+    # script math_2gpu_example__no_ray.sh (docs/reproduction.md). Chosen where both are silent: the
+    # model Table 2 names (its baselines are SimpleRL's base-model numbers: --model
+    # Qwen/Qwen2.5-7B), and the lr of the GSM8K recipe's 13 scalars (the fork's MATH script's 2e-5
+    # is LoRA-XS rank 32's); 3 epochs as the paper (the fork's script: 12)
+    "math": dict(data=data.SIMPLERL, prompt="qwen-boxed", reward="math", max_prompt=1024,
+                 max_new_tokens=3072, batch_prompts=256, group_size=8, mini_batches=1,
+                 eps_high=0.2, warmup=0.0, kl_coef=0.001, entropy_coef=0.001, out="runs/math"),
+}
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # ../shared's GGUF of it stands in where present
 PRESETS = {
     # the CPU demo (docs/results.md "The CPU demo"): SmolLM2, a ± b with one solved example, 13
@@ -142,6 +161,10 @@ PRESETS = {
 # what docs/results.md's RL-vs-SFT sweep ran: 2 shots, 12 steps, micro-batches of 8
 PRESETS["cpu-sweep"] = dict(PRESETS["cpu-demo"], shots=2, steps=12, lr=1e-2, micro_batch=8,
                             out="runs/cpu-sweep")
+# the MATH recipe end to end on a CPU: generated fractions, KL and entropy on; no learning claim
+PRESETS["cpu-math"] = dict(RECIPES["math"], model=SMOL, data="fractions", dtype="float32",
+                           batch_prompts=4, group_size=4, max_new_tokens=48, steps=3,
+                           micro_batch=16, lr=3e-2, eval_n=20, out="runs/cpu-math")
 
 
 def defaults(groups=TRAIN_GROUPS):
@@ -150,8 +173,9 @@ def defaults(groups=TRAIN_GROUPS):
 
 
 def preset(name):
-    """A preset's differences, with ../shared's SmolLM2 GGUF for the hub's where it is present."""
-    diff = dict(PRESETS[name])
+    """A preset's differences ({} for none), with ../shared's SmolLM2 GGUF for the hub's where it
+    is present."""
+    diff = dict(PRESETS[name]) if name else {}
     if diff.get("model") == SMOL and os.path.isfile(SHARED_SMOL):
         diff["model"] = SHARED_SMOL
     return diff
@@ -192,10 +216,10 @@ def add_flags(ap, group, names=None, title=None):
 
 
 def presets_text():
-    """--help's epilog: each preset as its differences over the defaults."""
-    lines = ["presets (named differences over the defaults above; flags typed still win):"]
-    for name in PRESETS:
-        words = " ".join(f"{k}={v}".replace(" ", "") for k, v in PRESETS[name].items())
+    """--help's epilog: each recipe and preset as its differences over the defaults."""
+    lines = ["recipes and presets (named differences over the defaults above; flags typed win):"]
+    for name, diff in {**RECIPES, **PRESETS}.items():
+        words = " ".join(f"{k}={v}".replace(" ", "") for k, v in diff.items())
         lines += textwrap.wrap(f"{name}: {words}", 100, initial_indent="  ",
                                subsequent_indent="    ", break_on_hyphens=False)
     return "\n".join(lines)
@@ -206,6 +230,8 @@ def trainer_parser(description):
     ap = new_parser(description, epilog=presets_text())
     for group in TRAIN_GROUPS:
         add_flags(ap, group)
+    ap.add_argument("--recipe", default="gsm8k", choices=["gsm8k", *RECIPES],
+                    help="the paper's recipe: GSM8K (the defaults) or MATH (listed below)")
     ap.add_argument("--preset", default=None, choices=list(PRESETS),
                     help="a named difference over the defaults (listed below)")
     return ap
@@ -222,8 +248,8 @@ def trainer_args(argv=None, description="GRPO with TinyLoRA"):
             raise ValueError(f"--resume {args.resume}: no config.json there")
         saved = json.load(open(path))
         ap.set_defaults(**{k: v for k, v in saved.items() if k != "resolved"})  # re-resolved
-    elif args.preset:
-        ap.set_defaults(**preset(args.preset))
+    else:
+        ap.set_defaults(**RECIPES.get(args.recipe, {}), **preset(args.preset))
     args = ap.parse_args(argv)  # the flags typed still win
     args.out = args.resume or args.out
     check_trainer_args(args)
@@ -260,24 +286,67 @@ def check_gpu_recipe(args):
 
 
 def eval_args(argv=None, description="Evaluation"):
-    """eval.py's flags, checked."""
+    """eval.py's flags over what the adapter records (its base) and, beside it, its run's
+    config.json (data and generation settings; --suite math: the fork's evaluation instead);
+    checked. One console line says what was taken from where."""
     ap = new_parser(description)
     add_flags(ap, "model")
     add_flags(ap, "data")
-    add_flags(ap, "rollout", ["backend", "max_new_tokens", "gpu_memory_utilization", "seed"])
+    add_flags(ap, "rollout", ["backend", "reward", "max_new_tokens", "gpu_memory_utilization",
+                              "seed"])
     add_flags(ap, "evaluation")
     add_flags(ap, "loss pass and torchrun (the same numbers, in less memory or time)",
               ["dist_timeout"], title="torchrun")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
-    if args.compare and not args.adapter:
-        raise ValueError("--compare needs --adapter")
+    if args.suite is not None and args.suite != "math":
+        raise ValueError(f"--suite {args.suite!r} is not a suite (known: math)")
     if args.adapter and not os.path.isfile(args.adapter):
         raise ValueError(f"adapter file not found: {args.adapter}")
+    found, sources = adapter_defaults(args.adapter, () if args.suite else RUN_KEYS)
+    ap.set_defaults(**(SUITE_DEFAULTS if args.suite else {}), **found)
+    args = ap.parse_args(argv)  # the flags typed still win
+    taken = [f"{src}: " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in keys
+                                    if getattr(args, k) == found[k])
+             for src, keys in sources.items()]
+    if any(t.count("--") for t in taken):
+        print("defaults " + "; ".join(t for t in taken if t.count("--")))
+    if args.suite and args.data != "hub" and not os.path.isdir(args.data):
+        raise ValueError(f"--suite math reads --data FOLDER/<benchmark>/test.jsonl (SimpleRL's "
+                         f"layout) or --data hub; {args.data!r} is not a folder")
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    if args.compare and not args.adapter:
+        raise ValueError("--compare needs --adapter")
     check_paths(args.model, args.data)
     check_gpu_recipe(args)
     if args.limit is not None and args.limit < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
         raise ValueError("--limit, --max-new-tokens and --batch-size must be >= 1")
     return args
+
+
+RUN_KEYS = ("data", "shots", "prompt", "max_prompt", "max_new_tokens", "val", "reward", "backend")
+
+
+def adapter_defaults(adapter, keys=RUN_KEYS):
+    """What an adapter file records and its run folder beside it: ({flag: value}, {where: flags}):
+    model = the adapter's base (a ../shared GGUF recorded on another machine found again by its
+    name), and the run's `keys` from the config.json beside it. ({}, {}) without an adapter."""
+    if not adapter:
+        return {}, {}
+    found, sources = {}, {}
+    base = tinylora.read_adapter(adapter)[1].get("base_model")
+    if base and not os.path.exists(base) and os.path.basename(base) == os.path.basename(
+            SHARED_SMOL) and os.path.isfile(SHARED_SMOL):
+        base = SHARED_SMOL
+    if base:
+        found["model"], sources[f"the base {adapter} records"] = base, ["model"]
+    path = os.path.join(os.path.dirname(adapter), "config.json")
+    run = json.load(open(path)) if os.path.isfile(path) and keys else {}
+    found.update({k: run[k] for k in keys if k in run})
+    if run:
+        sources[path] = [k for k in keys if k in run]
+    return found, sources
 
 
 # ---- From flags to the library's arguments, and back to the console ----------------------------
@@ -312,10 +381,13 @@ def print_config(args, rt):
     """The preset's differences (when one is used), then every resolved value."""
     if rt.rank > 0:
         return
-    if getattr(args, "preset", None) and not args.resume:
-        diff = " ".join(f"{k}={v}".replace(" ", "") for k, v in preset(args.preset).items())
-        print(textwrap.fill(f"preset {args.preset} over the defaults: {diff}", 100,
-                            subsequent_indent="  ", break_on_hyphens=False))
+    named = [("recipe", args.recipe, RECIPES.get(args.recipe)), ("preset", args.preset,
+                                                                  preset(args.preset))]
+    for kind, name, diff in named if not args.resume else []:
+        words = " ".join(f"{k}={v}".replace(" ", "") for k, v in (diff or {}).items())
+        if words:
+            print(textwrap.fill(f"{kind} {name} over the defaults: {words}", 100,
+                                subsequent_indent="  ", break_on_hyphens=False))
     print(summary(dict(vars(args), resolved=resolved(rt))))
 
 

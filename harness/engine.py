@@ -111,29 +111,36 @@ def share_refusal(gpu_memory_utilization):
 
 
 def batch_invariant_env():
-    """vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1; vllm/model_executor/determinism/): its
-    kernels then reduce in an order that ignores the batch, so a sample does not depend on what
-    else is in it. CUDA only. In-process it also reaches the trainer: on SM80 it overrides aten's
-    matmuls, on SM90+ it fixes cuBLAS's workspace (no split-k): slower, both of them."""
+    """vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1; vllm/model_executor/determinism/
+    batch_invariant.py): its kernels reduce in an order that ignores the batch, so a sample does not
+    depend on what else is in it. On SM90+ the mode is cuBLAS's workspace (CUBLAS_WORKSPACE_CONFIG
+    :16:8, CUBLASLT_WORKSPACE_SIZE 1: no split-k; :4096:8 elsewhere, where vLLM replaces aten's
+    matmuls instead), which PyTorch reads once, at its first cuBLAS call: so these are set here, at
+    process start, before any CUDA work (the load, the SVD), or the mode would be silently off.
+    CUDA only; refused once this process has used CUDA. In-process it reaches the trainer too."""
     if not torch.cuda.is_available():
         raise ValueError("--batch-invariant: vLLM's batch-invariant mode runs on CUDA only, and "
                          "this machine has no GPU")
+    if torch.cuda.is_initialized():
+        raise ValueError("--batch-invariant: this process has used CUDA already, and cuBLAS reads "
+                         "its workspace settings once; start the run in a fresh process")
     import vllm
     import vllm.envs
     if "VLLM_BATCH_INVARIANT" not in vllm.envs.environment_variables:
         raise ValueError(f"--batch-invariant: vLLM {vllm.__version__} has no batch-invariant mode "
                          "(VLLM_BATCH_INVARIANT)")
-    os.environ["VLLM_BATCH_INVARIANT"] = "1"
+    hopper_on = torch.cuda.get_device_capability()[0] >= 9  # vLLM 0.32's enable_batch_invariant
+    os.environ.update(VLLM_BATCH_INVARIANT="1",
+                      CUBLAS_WORKSPACE_CONFIG=":16:8" if hopper_on else ":4096:8",
+                      **dict(CUBLASLT_WORKSPACE_SIZE="1") if hopper_on else {})
 
 
 def make_vllm(folder, dtype, max_model_len, seed, gpu_memory_utilization=0.4, lora_rank=None,
-              tensor_parallel=1, batch_invariant=False, **lora_slots):
+              tensor_parallel=1, **lora_slots):
     """An in-process engine on the HF folder; lora_rank: LoRA slots of at least that rank (one, or
     lora_slots' max_loras, max_cpu_loras held in memory). Says how much its KV cache holds."""
     vllm_env()
     check_vllm_share(gpu_memory_utilization)
-    if batch_invariant:
-        batch_invariant_env()
     from vllm import LLM
     rank, world = rank_world()
     llm = LLM(**vllm_kwargs(folder, dtype, max_model_len, seed, gpu_memory_utilization, lora_rank,
@@ -213,10 +220,17 @@ def load_lora(llm, folder):
 
 
 def reset_prefix_cache(llm):
-    """Forget the KV cached under the previous weights, or raise: vLLM answers False when a request
-    still holds blocks (vllm/v1/core/block_pool.py), and the next rollout would then reuse KV
-    of the old policy, silently. generate() returns only when its requests are done, so a request
-    still running is a leftover of an interrupted call: the second try preempts it."""
-    if not (llm.reset_prefix_cache() or llm.reset_prefix_cache(reset_running_requests=True)):
+    """Forget the KV cached under the previous weights, or stop in one line: vLLM answers False
+    when a request still holds blocks (vllm/v1/core/block_pool.py), and the next rollout would then
+    reuse KV of the old policy, silently. generate() returns only when its requests are done, so a
+    request still running is a leftover of an interrupted call: the second try preempts it, and
+    where even that fails vLLM 0.32 raises (v1/core/sched/scheduler.py 2869-2875)."""
+    if llm.reset_prefix_cache():
+        return
+    try:
+        ok, why = llm.reset_prefix_cache(reset_running_requests=True), ""
+    except RuntimeError as e:
+        ok, why = False, f" (vLLM: {str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if not ok:
         raise RuntimeError("vLLM could not reset its prefix cache after a weight push (requests "
-                           "still hold KV blocks): the next rollout would reuse old KV")
+                           f"still hold KV blocks): the next rollout would reuse old KV{why}")

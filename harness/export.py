@@ -3,8 +3,8 @@ Exports and the plan: a merged HF folder (W0 + ΔW), the adapter as a standard L
 of ΔW a merged cast keeps, the plan's one-line description, and the command line for them.
 
     python -m harness.export plan --model M --params 13             # the plan, no weights read
-    python -m harness.export merge --model M --adapter A --out DIR [--dtype bfloat16]
-    python -m harness.export export-lora --model M --adapter A --out DIR   # PEFT and vLLM read it
+    python -m harness.export merge --adapter A --out DIR [--dtype bfloat16]   # --model: A's base
+    python -m harness.export export-lora --adapter A --out DIR      # PEFT and vLLM read it
 
 Chosen where the paper is silent:
  1. Merged weights are fp32 math from the pristine W0, cast once; the CLI prints how much of ΔW the
@@ -139,13 +139,21 @@ def export_main(cmd, argv):
     ap = config.new_parser("A merged HF model folder (W0 + ΔW)" if cmd == "merge" else
                            "The adapter as a standard LoRA folder (exact: B A = ΔW)",
                            prog=f"python -m harness.export {cmd}")
-    ap.add_argument("--model", required=True, help="the base: hub id, local folder or .gguf file")
+    ap.add_argument("--model", default=None, help="the base: hub id, local folder or .gguf file "
+                    "(default: the base the adapter records)")
     ap.add_argument("--adapter", required=True, help="a TinyLoRA adapter (.safetensors)")
     ap.add_argument("--out", required=True, help="a new or empty folder")
     if cmd == "merge":
         ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args(argv)
-    tinylora.read_adapter(args.adapter)  # a bad adapter fails before the model loads
+    if not os.path.isfile(args.adapter):
+        raise ValueError(f"adapter file not found: {args.adapter}")
+    if args.model is None:  # a bad adapter fails here, before the model loads
+        args.model = config.adapter_defaults(args.adapter, ())[0].get("model")
+        if args.model is None:
+            raise ValueError(f"{args.adapter} records no base model: give --model")
+        print(f"--model {args.model} (the base {args.adapter} records)")
+    tinylora.read_adapter(args.adapter)
     if os.path.isdir(args.out) and os.listdir(args.out) or os.path.isfile(args.out):
         raise ValueError(f"--out {args.out} exists and is not empty: choose a new folder")
     model, tok = load_model(args.model)  # fp32: the factors are those training computed (fp32 SVD)
@@ -161,11 +169,24 @@ def export_main(cmd, argv):
     print(f"{cmd}: wrote {args.out} ({size:,} bytes)")
 
 
+USAGE = """usage: python -m harness.export {plan,merge,export-lora} ...
+
+  plan         the TinyLoRA plan for a model and its cost, no weights read
+  merge        a merged HF model folder: W0 + ΔW, cast once to --dtype
+  export-lora  the adapter as a standard LoRA folder (exact: B A = ΔW; PEFT and vLLM read it)
+
+python -m harness.export VERB --help: that verb's flags"""
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv[0] if argv else None
+    if cmd in ("-h", "--help"):
+        print(USAGE)
+        return None
     if cmd not in ("plan", "merge", "export-lora"):
-        raise ValueError(f"usage: python -m harness.export plan|merge|export-lora ..., got {cmd!r}")
+        raise ValueError(f"python -m harness.export takes plan, merge or export-lora first, got "
+                         f"{cmd!r} (--help: the verbs)")
     return plan_main(argv[1:]) if cmd == "plan" else export_main(cmd, argv[1:])
 
 

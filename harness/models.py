@@ -16,7 +16,7 @@ import types
 import torch
 
 from harness import scale
-from harness.engine import vllm_env
+from harness.engine import batch_invariant_env, vllm_env
 
 
 def split_gguf(spec):
@@ -124,6 +124,8 @@ def runtime(device, dtype, backend, dist_timeout, grad_checkpointing="off", batc
     if batch_invariant and backend != "vllm":
         raise ValueError("--batch-invariant is a mode of vLLM's kernels, and these rollouts use HF "
                          "generate (--backend hf, or vLLM is not installed)")
+    if batch_invariant:  # before any CUDA work: cuBLAS reads its workspace settings once
+        batch_invariant_env()
     rank, world, dev = scale.init_distributed(dev, dist_timeout)
     ckpt = scale.use_checkpointing(grad_checkpointing, dev)
     return types.SimpleNamespace(device=dev, dtype=getattr(torch, dtype), backend=backend,

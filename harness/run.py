@@ -21,7 +21,7 @@ import task
 import tinylora
 from harness import config, scale
 from harness.export import bank_plan
-from harness.files import append_jsonl, read_jsonl, write_atomic, write_json
+from harness.files import append_jsonl, read_jsonl, write_atomic, write_json, write_jsonl
 from harness.stats import mcnemar_exact
 
 
@@ -132,7 +132,8 @@ def recover_run(out, step):
 # ---- The log: a step's row, the held-out check, the end of a run ------------------------------
 def step_metrics(rewards, G, completions, problems, old_lp, stats, tis_cap):
     """A step's log statistics. rewards (N,) in groups of G; old_lp (N, C): the trainer's π_old,
-    compared with each completion's sampler log-probs."""
+    compared with each completion's sampler log-probs; with a KL or entropy term their token
+    means (kl, entropy)."""
     n = torch.tensor([len(c["ids"]) for c in completions])
     mask = scale.length_mask(n, old_lp.shape[1]).bool()  # (N, C)
     sampler_lp = sampler_logprobs(completions, old_lp.shape[1])
@@ -154,7 +155,8 @@ def step_metrics(rewards, G, completions, problems, old_lp, stats, tis_cap):
                 clip_low=stats["clip_low"] / tokens, clip_high=stats["clip_high"] / tokens,
                 is_mean=isw.mean().item(), is_min=isw.min().item(), is_max=isw.max().item(),
                 is_capped=(isw > tis_cap).float().mean().item(), logp_gap=gap.mean().item(),
-                logp_absgap=gap.abs().mean().item(), grad_norm=stats["grad_norm"])
+                logp_absgap=gap.abs().mean().item(), grad_norm=stats["grad_norm"],
+                **{k: stats[k] / tokens for k in ("kl", "entropy") if k in stats})
 
 
 def sampler_logprobs(completions, C=None):
@@ -182,17 +184,19 @@ def time_left(out, step, start, total, per_epoch):
 
 
 def sample_text(step, reward, problem, comp):
-    head = f"--- step {step} sample (reward {reward:.0f}, gold {problem['gold']:g}):"
+    head = f"--- step {step} sample (reward {reward:.0f}, gold {problem['answer']}):"
     return f"{head}\n{comp['text']}\n---"
 
 
 def before_after(first, last):
-    """The console's account of a run from its first and last held-out rows (heldout's): strict
-    before -> after, problems gained and lost with McNemar's p, and one problem the update turned
-    from wrong to right, its reply before and after."""
+    """The console's account of a run from its first and last held-out rows (heldout's): the
+    accuracy (strict, or the MATH reward's) before -> after, problems gained and lost with
+    McNemar's p, and one problem the update turned from wrong to right, its reply before and
+    after."""
+    key = first.get("metric", "strict")
     gained = [i for i, (a, b) in enumerate(zip(first["right"], last["right"])) if b and not a]
     lost = sum(a and not b for a, b in zip(first["right"], last["right"]))
-    text = (f"held-out strict {first['strict']:.1%} -> {last['strict']:.1%}: {len(gained)} "
+    text = (f"held-out {key} {first[key]:.1%} -> {last[key]:.1%}: {len(gained)} "
             f"gained, {lost} lost, McNemar p = {mcnemar_exact(len(gained), lost):.2g}")
     for i in gained[:1]:
         text += (f"\n  e.g. {last['questions'][i]}\n    before: {first['replies'][i]!r}"
@@ -200,9 +204,10 @@ def before_after(first, last):
     return text
 
 
-def finish(args, bank):
+def finish(args, bank, program="train_grpo.py"):
     """The end of a run (after its last held-out check): the adapter (also after resuming a
-    finished run), the reward plot, the before/after account and where everything is."""
+    finished run), the reward plot, the before/after account, where everything is, and the
+    commands to run next with this run's paths."""
     log_path, adapter = (os.path.join(args.out, f) for f in ("log.jsonl", "adapter.safetensors"))
     if scale.rank_world()[0] == 0:
         tinylora.save_adapter(bank, adapter, base_model=args.model)
@@ -213,8 +218,30 @@ def finish(args, bank):
             print(before_after(evals[0], evals[-1]))
         print(f"done: adapter {adapter} ({bank.v.numel()} parameters), log {log_path}"
               + (f", reward plot {plot}" if plot else ""))
+        steps = max([r["step"] for r in records if r["kind"] == "train"], default=0)
+        print(next_commands(args, adapter, program, 2 * steps or 1))
     scale.barrier()
     return bank
+
+
+def next_commands(args, adapter, program, steps):
+    """What to run next, as typed, with this run's paths; writes the serving example's requests
+    (the first four held-out questions, asked of the base and of this adapter)."""
+    requests = os.path.join(args.out, "requests.jsonl")
+    questions = [p["question"] for p in task.load_task(args.data, "test", args.shots)[0][:4]]
+    write_jsonl(requests, [dict(adapter=a, question=q) for q in questions
+                           for a in ("base", "adapter")])
+    run = "python -m harness.sft" if program.endswith("sft") else f"python {program}"
+    return "\n".join([
+        "next:",
+        f"  python eval.py --adapter {adapter} --compare",
+        f"  python -m harness.serve --adapters {adapter} --requests {requests} --out "
+        f"{os.path.join(args.out, 'replies.jsonl')}",
+        f"  python -m harness.export export-lora --adapter {adapter} --out "
+        f"{os.path.join(args.out, 'lora')}",
+        f"  python -m harness.export merge --adapter {adapter} --out "
+        f"{os.path.join(args.out, 'merged')}",
+        f"  {run} --resume {args.out} --steps {steps}"])
 
 
 def running_mean(xs, k):

@@ -235,25 +235,36 @@ def length_runs(lengths, ratio=1.5):
     return runs
 
 
-def head_logprobs(model, h, y, temperature, chunk=None):
-    """log π(y) from hidden states h (b, c, H) that predict y (b, c). The vocabulary projection is
-    recomputed in backward per time chunk, so the (b, c, vocab) logits never exist at once."""
+def head_logprobs(model, h, y, temperature, chunk=None, entropy=False):
+    """log π(y) (b, c) from hidden states h (b, c, H) that predict y (b, c); entropy: with each
+    position's entropy H(π) beside it, (b, c, 2). The vocabulary projection is recomputed in
+    backward per time chunk, so the (b, c, vocab) logits never exist at once."""
     head = model.get_output_embeddings()
     chunk = chunk or max(1, HEAD_CHUNK_BYTES // (h.shape[0] * head.weight.shape[0] * 4))
 
     def lp(hc, yc):
-        return (head(hc).float() / temperature).log_softmax(-1).gather(-1, yc[..., None])[..., 0]
+        logp = (head(hc).float() / temperature).log_softmax(-1)  # (b, c, vocab)
+        if not entropy:
+            return logp.gather(-1, yc[..., None])[..., 0]
+        return torch.cat([logp.gather(-1, yc[..., None]),
+                          -(logp.exp() * logp).sum(-1, keepdim=True)], -1)
 
     return torch.cat([recompute(lp, h[:, s:s + chunk], y[:, s:s + chunk], use_reentrant=False)
                       for s in range(0, y.shape[1], chunk)], 1)
 
 
-def token_logprobs(model, seqs, temperature, G=1):
+def pad_time(x, T):
+    """x (b, t, ...) right-padded with zeros to (b, T, ...)."""
+    return F.pad(x, (0, 0) * (x.dim() - 2) + (0, T - x.shape[1]))
+
+
+def token_logprobs(model, seqs, temperature, G=1, entropy=False):
     """train_grpo.token_logprobs's numbers, with less memory and work: (b, C) right-padded, with
-    grad. G = 1: one pass over each left-padded prompt + completion, the lm-head in chunks. G > 1:
-    groups of G share a prompt, which runs once (with grad: v changes its keys and values too), its
-    prefix common to all prompts once for all; its G completions run on its KV cache, in runs of
-    similar lengths: (Lp + G·C)/(G·(Lp + C)) of the work, less the padding."""
+    grad (entropy: and each position's entropy, a pair). G = 1: one pass over each left-padded
+    prompt + completion, the lm-head in chunks. G > 1: groups of G share a prompt, which runs once
+    (with grad: v changes its keys and values too), its prefix common to all prompts once for all;
+    its G completions run on its KV cache, in runs of similar lengths: (Lp + G·C)/(G·(Lp + C)) of
+    the work, less the padding."""
     from transformers import DynamicCache
     dev = next(model.parameters()).device
     Lp, C = max(len(p) for p, _ in seqs), max(len(c) for _, c in seqs)
@@ -265,7 +276,8 @@ def token_logprobs(model, seqs, temperature, G=1):
         mask[:, Lp:] = cmask
         pos = (mask.cumsum(1) - 1).clamp_min(0)  # position ids that skip the left padding
         h = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-        return head_logprobs(model, h[:, Lp - 1:Lp + C - 1], y, temperature)
+        out = head_logprobs(model, h[:, Lp - 1:Lp + C - 1], y, temperature, entropy=entropy)
+        return out.unbind(-1) if entropy else out
     if model.training and model.is_gradient_checkpointing:
         raise ValueError("the shared-prompt pass needs the KV cache; checkpointed layers drop it")
     prompts = [seqs[i][0] for i in range(0, len(seqs), G)]
@@ -281,9 +293,11 @@ def token_logprobs(model, seqs, temperature, G=1):
         h = model.base_model(input_ids=y[part, :Cr], attention_mask=mask, position_ids=pos,
                              past_key_values=cache).last_hidden_state  # (n, Cr, H)
         h = torch.cat([last[rows], h[:, :Cr - 1]], 1)  # h predicts y
-        lps.append(F.pad(head_logprobs(model, h, y[part, :Cr], temperature), (0, C - Cr)))
+        out = head_logprobs(model, h, y[part, :Cr], temperature, entropy=entropy)
+        lps.append(pad_time(out, C))  # (n, C) or (n, C, 2)
     order = torch.tensor([i for part in parts for i in part], device=dev)
-    return torch.cat(lps)[torch.argsort(order)]  # (b, C), back in the order of seqs
+    out = torch.cat(lps)[torch.argsort(order)]  # (b, C), back in the order of seqs
+    return out.unbind(-1) if entropy else out
 
 
 def prompt_pass(model, prompts, dev):

@@ -33,17 +33,23 @@ from harness.files import read_jsonl, write_jsonl
 from harness.account import equation_account
 
 
+SERVE_DEFAULTS = dict(data="arith", shots=1, prompt="gsm8k", max_prompt=512, max_new_tokens=32)
+
+
 def get_args(argv=None):
     ap = config.new_parser(__doc__.split("\n")[1])
-    ap.add_argument("--model", default=config.SHARED_SMOL,
-                    help="hub id, local folder or .gguf file")
+    ap.add_argument("--model", default=None, help="hub id, local folder or .gguf file (default: "
+                    "the base the first adapter records)")
     ap.add_argument("--adapters", nargs="+", required=True, help="adapter files of that base")
     ap.add_argument("--requests", required=True, help="JSONL of {adapter, question | prompt}")
     ap.add_argument("--out", required=True, help="replies, one JSONL row per request")
-    ap.add_argument("--data", default="arith", help="whose prompt and shots a 'question' gets")
-    ap.add_argument("--shots", type=int, default=1)
-    ap.add_argument("--max-prompt", type=int, default=512)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--data", default=None, help="whose prompt and shots a 'question' gets")
+    ap.add_argument("--shots", type=int, default=None)
+    ap.add_argument("--prompt", default=None, choices=list(task.PROMPTS))
+    ap.add_argument("--max-prompt", type=int, default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.epilog = ("--data, --shots, --prompt, --max-prompt, --max-new-tokens: the first adapter's "
+                 f"run (its config.json) where there is one, else {SERVE_DEFAULTS}")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -53,6 +59,16 @@ def get_args(argv=None):
     ap.add_argument("--check-alone", action="store_true",
                     help="serve every adapter's requests again on their own and compare")
     args = ap.parse_args(argv)
+    found, sources = config.adapter_defaults(args.adapters[0], tuple(SERVE_DEFAULTS))
+    taken = {k: v for k, v in dict(SERVE_DEFAULTS, **found).items() if getattr(args, k) is None}
+    vars(args).update(taken)
+    if args.model is None:
+        raise ValueError(f"{args.adapters[0]} records no base model: give --model")
+    said = [f"{where}: " + " ".join(f"--{k.replace('_', '-')} {taken[k]}"
+                                    for k in keys if k in taken)
+            for where, keys in sources.items() if set(keys) & set(taken)]
+    if said:
+        print("defaults " + "; ".join(said))
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
         raise ValueError(f"--batch-size and --max-new-tokens must be >= 1, --temperature >= 0; "
                          f"got {args.batch_size}, {args.max_new_tokens}, {args.temperature}")
@@ -93,12 +109,13 @@ def read_requests(path, index):
     return out
 
 
-def prompt_ids(tok, rows, data, shots, max_prompt):
-    """Token ids of each request's prompt: a question in the task's prompt, a prompt as is."""
+def prompt_ids(tok, rows, data, shots, max_prompt, style="gsm8k"):
+    """Token ids of each request's prompt: a question in the task's prompt (data's shots, the
+    prompt style), a prompt as is."""
     examples = task.load_task(data, "train", shots)[1] if any("question" in r for r in rows) else []
     out = []
     for i, row in enumerate(rows, 1):
-        text = (task.build_prompt(tok, row["question"], examples) if "question" in row
+        text = (task.build_prompt(tok, row["question"], examples, style) if "question" in row
                 else row["prompt"])
         ids = tok(text, add_special_tokens=False)["input_ids"]
         if not 0 < len(ids) <= max_prompt:
@@ -198,7 +215,8 @@ def main(argv=None):
     requests = read_requests(args.requests, index)
     model, tok = models.load_model(args.model, torch.float32, args.device)
     bank = tinylora.load_adapters(model, args.adapters)
-    ids = prompt_ids(tok, [r for _, r in requests], args.data, args.shots, args.max_prompt)
+    ids = prompt_ids(tok, [r for _, r in requests], args.data, args.shots, args.max_prompt,
+                     args.prompt)
     ks = [k for k, _ in requests]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # before the work
     comps, seconds = answer(args, model, tok, bank, in_batches(ks, ids, args.batch_size))

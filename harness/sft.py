@@ -56,7 +56,7 @@ def sft_update(model, opt, seqs, lrs, how, grad_clip):
         lengths = [(len(seqs[i][0]), len(seqs[i][1])) for i in idx]
         with scale.loss_mode(model):
             for micro in scale.micro_batches(lengths, how.micro_batch, 1, how.micro_tokens):
-                lp = tg.logprobs(model, [seqs[idx[j]] for j in micro], how)
+                lp, _ = tg.logprobs(model, [seqs[idx[j]] for j in micro], how)
                 loss = nll_loss(lp, w[micro, :lp.shape[1]].to(lp.device))
                 loss.backward()
                 nll += loss.item()
@@ -73,7 +73,7 @@ def main(argv=None, shared=None):
     total_steps = args.steps or args.epochs * (len(train) // args.batch_prompts)
     eos = tok.eos_token_id if tok.eos_token_id is not None else models.eos_ids(model, tok)[0]
     how = tg.Pass(temperature=1.0, micro_batch=args.micro_batch, micro_tokens=args.micro_tokens,
-                  G=1, plain=args.plain_logprobs)
+                  G=1, plain=args.plain_logprobs, entropy=False)
     if args.eval_n and start == 0:
         generator.push(bank)
         run.log(args, evaluation.heldout(generator, tok, args, 0))
@@ -102,7 +102,7 @@ def main(argv=None, shared=None):
     if args.eval_n:
         generator.push(bank)
         run.log(args, evaluation.heldout(generator, tok, args, total_steps))
-    return run.finish(args, bank)
+    return run.finish(args, bank, program="harness.sft")
 
 
 if __name__ == "__main__":

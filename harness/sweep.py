@@ -92,7 +92,7 @@ def score(generator, tok, bank, t, split, limit):
     """Greedy eval of the current v on `split` with eval.py's protocol: (per-problem verdicts and
     replies, summary)."""
     rows, shots = task.load_task(t.data, split, t.shots, t.val)
-    items = task.prompt_ids(tok, rows[:limit] if limit else rows, shots, t.max_prompt)
+    items = task.prompt_ids(tok, rows[:limit] if limit else rows, shots, t.max_prompt, t.prompt)
     generator.push(bank)
     res, summary = evaluation.run_eval(generator, items, t.max_new_tokens, t.seed, label=split)
     return [dict({k: r[k] for k in evaluation.METRICS}, reply=r["reply"]) for r in res], summary

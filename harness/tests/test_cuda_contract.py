@@ -78,6 +78,9 @@ class FakeLLM:
     def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
         self.reset_calls.append(reset_running_requests)
         ok = FakeLLM.reset_answers.pop(0) if FakeLLM.reset_answers else True
+        if reset_running_requests and not ok:  # vLLM 0.32's scheduler raises (scheduler.py 2869)
+            raise RuntimeError("Failed to reset KV cache even when all the running requests are "
+                               "preempted and moved to the waiting queue.")
         self.resets += ok
         return ok
 
@@ -111,7 +114,7 @@ def gpu(monkeypatch):
     monkeypatch.setattr(cuda, "is_available", lambda: True)
     monkeypatch.setattr(cuda, "device_count", lambda: 1)
     monkeypatch.setattr(cuda, "mem_get_info", lambda device=None: (card.free, CARD))
-    props = types.SimpleNamespace(total_memory=CARD, name="fake H200")
+    props = types.SimpleNamespace(total_memory=CARD, name="fake H200", major=9, minor=0)
     monkeypatch.setattr(cuda, "get_device_properties", lambda device=None: props)
     monkeypatch.setattr(cuda, "get_device_name", lambda device=None: props.name)
     to = torch.nn.Module.to
@@ -135,6 +138,8 @@ def gpu(monkeypatch):
     # a user's setting the run must override; the run's own settings must not outlive the test
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     monkeypatch.setenv("VLLM_BATCH_INVARIANT", "0")
+    for name in ("CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test as they were
     FakeLLM.built.clear()
     FakeLLM.reset_answers.clear()
     return card
@@ -250,6 +255,27 @@ def test_batch_invariant_turns_on_vllms_mode_before_the_engine_and_is_recorded(
     off, on = FakeLLM.built
     assert off.env["VLLM_BATCH_INVARIANT"] == "0" and on.env["VLLM_BATCH_INVARIANT"] == "1"
     assert json.load(open(tmp_path / "on" / "config.json"))["batch_invariant"] is True
+
+
+@pytest.mark.usefixtures("gpu")
+def test_batch_invariant_sets_cublass_workspace_before_any_cuda_work(
+        answer_folder, sevens_jsonl, tmp_path, monkeypatch):
+    """PyTorch reads CUBLAS_WORKSPACE_CONFIG once, at its first cuBLAS call: the settings vLLM's
+    mode needs on an H100/H200 are in place before the model loads and the SVD runs."""
+    seen, load, svd = [], tg.models.load_model, tinylora.svd_factors
+
+    def env():
+        return {k: os.environ.get(k) for k in ("VLLM_BATCH_INVARIANT", "CUBLAS_WORKSPACE_CONFIG",
+                                               "CUBLASLT_WORKSPACE_SIZE")}
+    monkeypatch.setattr(tg.models, "load_model", lambda *a, **k: seen.append(env()) or load(*a, **k))
+    monkeypatch.setattr(tinylora, "svd_factors", lambda *a, **k: seen.append(env()) or svd(*a, **k))
+    tg.main(run_args(answer_folder, sevens_jsonl, tmp_path, "--batch-invariant"))
+    want = dict(VLLM_BATCH_INVARIANT="1", CUBLAS_WORKSPACE_CONFIG=":16:8",
+                CUBLASLT_WORKSPACE_SIZE="1")
+    assert seen and all(s == want for s in seen)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # CUDA used already
+    with pytest.raises(ValueError, match="has used CUDA already"):
+        tg.main(run_args(answer_folder, sevens_jsonl, tmp_path / "late", "--batch-invariant"))
 
 
 @pytest.mark.usefixtures("gpu")

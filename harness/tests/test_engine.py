@@ -73,14 +73,19 @@ def test_batch_invariant_mode_is_refused_without_a_gpu(monkeypatch):
 
 
 class ResetsAs:
-    """Answers reset_prefix_cache as vLLM's block pool would: `answers` in turn."""
+    """Answers reset_prefix_cache as vLLM 0.32 would: `answers` in turn, and where a reset that
+    preempts fails, its scheduler's RuntimeError (v1/core/sched/scheduler.py 2869-2875)."""
 
     def __init__(self, *answers):
         self.answers, self.calls = list(answers), []
 
     def reset_prefix_cache(self, reset_running_requests=False):
         self.calls.append(reset_running_requests)
-        return self.answers.pop(0)
+        ok = self.answers.pop(0)
+        if reset_running_requests and not ok:
+            raise RuntimeError("Failed to reset KV cache even when all the running requests are "
+                               "preempted and moved to the waiting queue.")
+        return ok
 
 
 def test_a_prefix_cache_reset_is_retried_once_preempting_then_refused_in_one_line():
@@ -88,5 +93,7 @@ def test_a_prefix_cache_reset_is_retried_once_preempting_then_refused_in_one_lin
     engine.reset_prefix_cache(ok_first)
     engine.reset_prefix_cache(ok_second)
     assert ok_first.calls == [False] and ok_second.calls == [False, True]
-    with pytest.raises(RuntimeError, match="would reuse old KV"):
+    with pytest.raises(RuntimeError) as e:
         engine.reset_prefix_cache(never)
+    assert str(e.value).startswith("vLLM could not reset its prefix cache") and "\n" not in str(
+        e.value) and "would reuse old KV (vLLM: Failed to reset KV cache" in str(e.value)

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import eval as E
-from harness import config
 import task
 import tinylora
-from harness.tests.fixtures import GSM8K_TEST, cli, need_shared, tiny_model, vllm_or_skip
+from harness import config
+from harness.tests.fixtures import (GSM8K_TEST, SMOL_GGUF, cli, need_shared, tiny_model,
+                                    vllm_or_skip)
 
 
 def test_wilson_hand_values():
@@ -117,3 +118,93 @@ def test_the_merged_bf16_route_scores_what_the_paper_scored(smol_tok, tmp_path):
     assert ([x["reply"] for x in report["problems"]["merged-bf16"]]
             == [x["reply"] for x in paper["problems"]["base"]])
     assert list(report["compare"]) == ["adapter vs merged-bf16"] and len(report["models"]) == 2
+
+
+# ---- --suite math: Table 2's six benchmarks -----------------------------------------------------
+
+SIMPLERL_ROWS = {  # two rows of each benchmark in SimpleRL's evaluation layout (its own fields)
+    "gsm8k": [dict(question="Janet has 3 ducks and buys 4. How many?", answer="3+4=7\n#### 7"),
+              dict(question="2 boxes of 1,000?", answer="2*1000\n#### 2,000")],
+    "math500": [dict(problem="Convert $(0,3)$ to polar.",
+                     solution="... $\\boxed{(3,\\frac{\\pi}{2})}$",
+                     answer="\\left( 3, \\frac{\\pi}{2} \\right)"),
+                dict(problem="What is $1+1$?", solution="$\\boxed{2}$", answer="2")],
+    "minerva_math": [dict(problem="Find s.", solution="so $s=\\boxed{1.6}$ cm."),
+                     dict(problem="Find t.", solution="Final answer: \\boxed{3 \\times 10^{8}}")],
+    "olympiadbench": [dict(question="How many moves?", final_answer=["$2$"]),
+                      dict(question="Find x.", final_answer=["$\\frac{1}{2}$"])],
+    "aime24": [dict(problem="Find the walk's minutes.", answer="204"),
+               dict(problem="Find N.", answer="025")],
+    "amc23": [dict(question="How many miles from A?", answer=27.0),
+              dict(question="What is y?", answer=1.5)]}
+GOLDS = {"gsm8k": ["7", "2000"], "math500": ["\\left( 3, \\frac{\\pi}{2} \\right)", "2"],
+         "minerva_math": ["1.6", "3 \\times 10^{8}"], "olympiadbench": ["2", "\\frac{1}{2}"],
+         "aime24": ["204", "025"], "amc23": ["27", "1.5"]}
+
+
+def simplerl_folder(root, drop=None, rows=SIMPLERL_ROWS):
+    for name, examples in rows.items():
+        if name != drop:
+            (root / name).mkdir(parents=True)
+            (root / name / "test.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                                            for r in examples))
+    return str(root)
+
+
+def test_each_benchmark_gold_is_read_as_simplerls_parser_reads_it(tmp_path):
+    from harness import data
+    where = simplerl_folder(tmp_path)
+    assert {n: [p["answer"] for p in data.benchmark_problems(n, where)]
+            for n in data.BENCHMARKS} == GOLDS
+
+
+def test_the_math_suite_scores_six_benchmarks_in_table_2s_layout_from_one_generator(
+        tiny_folder, tmp_path, capsys, monkeypatch):
+    import rollout
+    built = []
+    make = rollout.make_generator
+    monkeypatch.setattr(rollout, "make_generator", lambda *a, **k: built.append(1) or make(*a, **k))
+    out = tmp_path / "eval.json"
+    res = E.main(["--suite", "math", "--data", simplerl_folder(tmp_path / "b"), "--model",
+                  tiny_folder, "--backend", "hf", "--max-new-tokens", "4", "--out", str(out)])
+    assert len(built) == 1 and list(res["benchmarks"]) == list(E.SUITES["math"])
+    assert all(b["models"]["base"]["n"] == 2 and set(b["models"]["base"]) >= set(E.MATH_METRICS)
+               for b in res["benchmarks"].values())
+    assert [r["gold"] for r in res["benchmarks"]["amc23"]["problems"]["base"]] == ["27", "1.5"]
+    assert res["protocol"]["max_new_tokens"] == 4 and json.load(open(out))["benchmarks"]
+    printed = capsys.readouterr().out
+    assert "gsm8k" in printed and "amc23" in printed and "average" in printed
+
+
+@pytest.mark.parametrize("argv,why", [
+    (["--suite", "maths"], "--suite 'maths' is not a suite (known: math)"),
+    (["--suite", "math", "--data", "nowhere.jsonl"], "'nowhere.jsonl' is not a folder"),
+    (["--suite", "math", "--samples", "0"], "--samples must be >= 1, got 0")])
+def test_a_bad_suite_flag_is_one_line_before_anything_loads(argv, why, tiny_folder):
+    with pytest.raises(ValueError) as e:
+        E.main(argv + ["--model", tiny_folder])
+    assert why in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("drop,bad,why", [
+    ("amc23", None, "amc23/test.jsonl: no such file"),
+    (None, dict(question="No gold?"), "aime24/test.jsonl line 3: no gold answer")])
+def test_a_missing_benchmark_file_or_gold_is_one_line_and_nothing_is_written(
+        drop, bad, why, tiny_folder, tmp_path):
+    rows = {n: r + ([bad] if bad and n == "aime24" else []) for n, r in SIMPLERL_ROWS.items()}
+    out = tmp_path / "eval.json"
+    with pytest.raises(ValueError) as e:
+        E.main(["--suite", "math", "--data", simplerl_folder(tmp_path / "b", drop, rows),
+                "--model", tiny_folder, "--backend", "hf", "--max-new-tokens", "2", "--out",
+                str(out)])
+    assert why in str(e.value) and "\n" not in str(e.value) and not out.exists()
+
+
+@pytest.mark.slow
+def test_the_math_suite_runs_on_smollm2_from_the_command_line(tmp_path):
+    p = cli("eval.py", "--suite", "math", "--data", simplerl_folder(tmp_path / "b"), "--model",
+            need_shared(SMOL_GGUF), "--max-new-tokens", "48", "--out", str(tmp_path / "m.json"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "math-verify" in p.stdout and "olympiadbench" in p.stdout and "average" in p.stdout
+    report = json.load(open(tmp_path / "m.json"))
+    assert list(report["benchmarks"]) == list(E.SUITES["math"])

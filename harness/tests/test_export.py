@@ -63,7 +63,8 @@ def test_exported_lora_in_peft_gives_the_adapter_logits(tiny_folder, tmp_path, t
         plain = base(x).logits
         got = PeftModel.from_pretrained(base, str(tmp_path / "lora")).eval()(x).logits
     assert not torch.allclose(plain, want, atol=1e-3)  # the adapter matters
-    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    # two fp32 orders of one product: round-off scales with the logits (seen: 1.2e-5 on ~3)
+    assert torch.allclose(got, want, atol=1e-5 * (1 + want.abs().max().item()), rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -1,5 +1,6 @@
 """Specifications of task.py: extractors, rewards, loaders (fuzzed: no data file reaches a
 traceback), the prompt, the schedules. CPU only, no network."""
+import copy
 import json
 import os
 
@@ -80,22 +81,22 @@ def test_extractors_never_raise(text):
         assert out is None or isinstance(out, float)
     assert task.paper_answer(text) is None or isinstance(task.paper_answer(text), str)
     row = dict(gold=3.0, answer="3")
-    assert all(task.reward(text, row, True, k) in (0.0, 1.0) for k in task.REWARDS)
+    assert all(task.reward(text, row, True, k) in (0.0, 1.0) for k in ("paper", "strict", "math"))
 
 
 def test_gsm8k_golds_parse_and_bad_rows_are_named(tmp_path):
-    rows = task.load_gsm8k(need_shared(GSM8K_TEST), "test")
+    rows = task.load_problems(need_shared(GSM8K_TEST), "test")
     assert len(rows) == 1319 and all(r["gold"] == int(r["gold"]) for r in rows)
     assert rows[0]["gold"] == 18.0 and rows[0]["answer"] == "18"  # Janet's ducks
     assert all(float(r["answer"]) == r["gold"] and "," not in r["answer"] for r in rows)  # verl's
-    assert len(task.load_gsm8k(os.path.dirname(GSM8K_TRAIN), "train")) == 7473
+    assert len(task.load_problems(os.path.dirname(GSM8K_TRAIN), "train")) == 7473
     bad = tmp_path / "bad.jsonl"
     rows = [dict(question="q", answer="#### 3"), dict(question="q", answer="no")]
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="bad.jsonl line 2: needs"):
-        task.load_gsm8k(str(bad), "train")
+        task.load_problems(str(bad), "train")
     with pytest.raises(ValueError, match="not found"):
-        task.load_gsm8k(str(tmp_path / "missing.jsonl"), "train")
+        task.load_problems(str(tmp_path / "missing.jsonl"), "train")
 
 
 def test_shots_and_validation_come_from_train_and_are_never_trained_on():
@@ -139,7 +140,7 @@ def test_jsonl_loader_reports_the_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"question": "q", "answer": "#### 3"}\n\n'
                  '{"question": "q2", "answer": "x #### 4"}\n')
-    assert task.load_gsm8k(str(p), "train") == [
+    assert task.load_problems(str(p), "train") == [
         dict(question="q", gold=3.0, answer="3", solution="#### 3"),
         dict(question="q2", gold=4.0, answer="4", solution="x #### 4")]
     for content, msg in [("", "no rows"), ('{"question": "q", "answer": "#### 1"}\n{oops\n',
@@ -150,7 +151,7 @@ def test_jsonl_loader_reports_the_file_and_line(tmp_path):
                           "line 1: needs")]:
         p.write_text(content)
         with pytest.raises(ValueError, match=msg):
-            task.load_gsm8k(str(p), "train")
+            task.load_problems(str(p), "train")
 
 
 @settings(max_examples=150, deadline=None)
@@ -166,7 +167,7 @@ def test_no_data_file_reaches_a_traceback(tmp_path_factory, content):
     p = tmp_path_factory.mktemp("fuzz") / "d.jsonl"
     p.write_bytes(content)
     try:
-        rows = task.load_gsm8k(str(p), "train")
+        rows = task.load_problems(str(p), "train")
     except ValueError as e:
         assert str(p) in str(e) and "\n" not in str(e)
     else:
@@ -196,3 +197,60 @@ def test_the_learning_rate_warms_up_from_zero_over_verls_steps_then_stays_consta
     lrs = [task.lr_at(s, 348, 1.0, 0.05) for s in (0, 1, 16, 17, 300)]
     assert lrs == [0.0, 1 / 17, 16 / 17, 1.0, 1.0]
     assert task.lr_at(0, 10, 1.0, 0.0) == 1.0 and task.lr_at(0, 10, 1.0, 0.05) == 1.0  # int(0.5)
+
+
+# ---- the MATH recipe's data and prompt --------------------------------------------------------
+
+QWEN25_TEMPLATE = (  # Qwen2.5-Instruct's chat template without tools (its tokenizer_config.json)
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a "
+    "helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message.role == 'user' or (message.role == 'system' and "
+    "not loop.first) or message.role == 'assistant' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_the_qwen_boxed_prompt_on_a_qwen2_template_is_simplerls_text_exactly(smol_tok):
+    """SimpleRL-Zoo's qwen-boxed template (examples/simplelr_math_eval/utils.py), once: the
+    question is wrapped by the chat template alone, never by a stored template as well."""
+    tok = copy.deepcopy(smol_tok)
+    tok.chat_template = QWEN25_TEMPLATE
+    q = "What is $\\frac{1}{2} + \\frac{1}{3}$?"
+    want = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            f"{q}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+            "<|im_end|>\n<|im_start|>assistant\n")
+    assert task.build_prompt(tok, q, [], "qwen-boxed") == want
+    default = task.build_prompt(tok, q, [], "gsm8k")  # the GSM8K recipe keeps Qwen's own system
+    assert "You are Qwen" in default and default.count("<|im_start|>") == 3
+
+
+def test_simplerl_rows_become_problems_and_rows_without_a_gold_answer_are_skipped(tmp_path,
+                                                                                   capsys):
+    rows = [dict(question="What is $1+1$?", gt_answer="2", level="Level 3"),
+            dict(question="Simplify $\\frac{2}{4}$.", gt_answer="\\frac{1}{2}"),
+            dict(question="No gold here.", gt_answer=None),
+            dict(question="Nor here.", gt_answer="")]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    problems = task.load_problems(str(path), "train")
+    assert [p["answer"] for p in problems] == ["2", "\\frac{1}{2}"]
+    assert problems[0]["gold"] == 2.0 and problems[1]["gold"] is None
+    assert task.reward(problems[1]["solution"], problems[1], True, "math") == 1.0  # its own box
+    assert "2 rows without a gold answer (gt_answer) skipped" in capsys.readouterr().out
+    import datasets
+    datasets.Dataset.from_list(rows[:2]).to_parquet(str(tmp_path / "train.parquet"))
+    assert task.load_problems(str(tmp_path / "train.parquet"), "train") == problems
+    path.unlink()  # a folder: {split}.parquet when there is no .jsonl
+    assert task.load_problems(str(tmp_path), "train") == problems
+
+
+def test_a_parquet_without_the_question_column_is_refused_naming_the_file_and_field(tmp_path):
+    import datasets
+    bad = tmp_path / "train.parquet"
+    datasets.Dataset.from_list([dict(problem="1+1?", gt_answer="2")]).to_parquet(str(bad))
+    with pytest.raises(ValueError) as e:
+        task.load_problems(str(bad), "train")
+    assert str(e.value).startswith(f"{bad} row 1: needs a 'question'") and "\n" not in str(e.value)
