@@ -267,7 +267,8 @@ def test_batch_invariant_sets_cublass_workspace_before_any_cuda_work(
     def env():
         return {k: os.environ.get(k) for k in ("VLLM_BATCH_INVARIANT", "CUBLAS_WORKSPACE_CONFIG",
                                                "CUBLASLT_WORKSPACE_SIZE")}
-    monkeypatch.setattr(tg.models, "load_model", lambda *a, **k: seen.append(env()) or load(*a, **k))
+    monkeypatch.setattr(tg.models, "load_model",
+                        lambda *a, **k: seen.append(env()) or load(*a, **k))
     monkeypatch.setattr(tinylora, "svd_factors", lambda *a, **k: seen.append(env()) or svd(*a, **k))
     tg.main(run_args(answer_folder, sevens_jsonl, tmp_path, "--batch-invariant"))
     want = dict(VLLM_BATCH_INVARIANT="1", CUBLAS_WORKSPACE_CONFIG=":16:8",
