@@ -7,7 +7,7 @@ Benchmark: this project's TinyLoRA against PEFT's TinyLoraConfig, measured side 
     PYTHONPATH=<trl site> python -m harness.bench --grpo-step MODEL  # ours vs TRL + PEFT, a step
     python -m harness.bench --train-pass MODEL    # the training pass alone, shared prompt or not
     python -m harness.bench --merge-gap MODEL     # a bf16 merged push vs the sampler-trainer gap
-    python -m harness.bench --serving MODEL [SLOTS]  # K adapters a batch: vs PEFT, vLLM, one by one
+    python -m harness.bench --serving MODEL [OUT.json]  # K adapters a batch, one regime for all
 
 Builds the model from a config (no download, random weights), then measures, in the same process:
 init time (SVD of every adapted module), forward and fwd+bwd step time as ratios to the same
@@ -37,7 +37,7 @@ import torch
 import rollout
 import task
 import tinylora
-from harness import config, export, run, scale
+from harness import bench_serving, config, export, run, scale
 from harness.files import read_jsonl
 from harness.data import arith_rows
 from harness.models import load_model
@@ -482,10 +482,9 @@ def train_pass_bench(spec, micro_batches=(8, 16, 32)):
 
 
 def main(argv=None):
-    from harness.serve import benchmark
     modes = {"--train-pass": train_pass_bench, "--sync-cost": sync_bench,
              "--merge-gap": merge_gap_bench,
-             "--serving": lambda m, slots=64: benchmark(m, max_loras=int(slots)),
+             "--serving": lambda m, out=None: bench_serving.benchmark(m, out=out),
              "--grpo-step": lambda m, k=3: grpo_step_bench(m, int(k)), "--trl-step": lambda m,
              k: trl_step(m, int(k))}
     # python -m harness.bench --MODE MODEL [STEPS]

@@ -77,6 +77,21 @@ def write_lora(bank, out, base_model=None):
     return out
 
 
+def write_loras(bank, vs, ks, work, base_model=None):
+    """{k: folder under work} for adapters ks, rows of vs (K', groups, u), each written as its exact
+    rank-r LoRA (PEFT's format, which vLLM reads); bank.v is left as it was."""
+    keep, out = bank.v.detach().clone(), {}
+    try:
+        for k in ks:
+            with torch.no_grad():
+                bank.v.copy_(vs[k])
+            out[k] = write_lora(bank, os.path.join(work, f"lora{k}"), base_model)
+    finally:
+        with torch.no_grad():
+            bank.v.copy_(keep)
+    return out
+
+
 def delta_kept(bank, dtype, every=1):
     """The share of ΔW that merged weights in `dtype` carry, along ΔW, over every `every`-th module:
     ⟨cast(W0 + ΔW) − cast(W0), ΔW⟩ / ‖ΔW‖². On a bf16 checkpoint every entry of ΔW under half a

@@ -6,6 +6,7 @@ between projections the whole batch shares).
     python -m harness.serve --model M --adapters a.safetensors b.safetensors \
         --requests requests.jsonl --out replies.jsonl
     python -m harness.serve --engine vllm ...   # the same requests to vLLM's multi-LoRA
+    python -m harness.bench --serving MODEL     # the benchmark: harness/bench_serving.py
 
 requests.jsonl: one {"adapter": ..., "question": ...} (the task's prompt: --data's shots, the
 paper's suffix, the chat template) or {"adapter": ..., "prompt": ...} (that text, as is) per line;
@@ -28,7 +29,7 @@ import torch
 import rollout
 import task
 import tinylora
-from harness import config, engine, export, models, scale
+from harness import config, engine, export, models
 from harness.files import read_jsonl, write_jsonl
 from harness.account import equation_account
 
@@ -145,7 +146,7 @@ def serve_vllm(model, tok, bank, args, batches):
     """The same batches on vLLM's multi-LoRA: adapter k as the LoRA of its v (index 0: none)."""
     from vllm.lora.request import LoRARequest
     work = os.path.join(os.path.dirname(os.path.abspath(args.out)), "serve_vllm")
-    folders = lora_folders(bank, bank.vs, range(1, len(bank.vs)), work, args.model)
+    folders = export.write_loras(bank, bank.vs, range(1, len(bank.vs)), work, args.model)
     loras = [None] + [LoRARequest(f"adapter{k}", k, folders[k]) for k in folders]
     llm = engine.make_vllm(engine.hf_folder(model, tok, bank, args.model, work),
                            str(model.dtype).replace("torch.", ""),
@@ -233,168 +234,6 @@ def main(argv=None):
           f"{len(rows) / seconds:.2f} requests/s, {tokens / seconds:.1f} new tokens/s\n"
           f"{per_adapter(requests, rows)}\n{example(requests, rows)}\nreplies: {args.out}")
     return rows
-
-
-# ---- The benchmark: python -m harness.bench --serving MODEL -------------------------------------
-def generate_timed(model, tok, prompts, max_new, reps=2, **kw):
-    """Seconds to answer `prompts` in one greedy HF generate of exactly max_new tokens each (no
-    early stop: every variant does the same work), the best of reps; kw: PEFT's adapter_names."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids, mask = scale.left_pad(prompts, max(map(len, prompts)), pad)  # (b, L), left-padded
-    times = []
-    for _ in range(reps):
-        t0 = time.time()
-        with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
-                           min_new_tokens=max_new, do_sample=False, pad_token_id=pad, **kw)
-        times.append(time.time() - t0)
-    return min(times)
-
-
-def rows_of(K, n):
-    """Which adapter (1..K) each of n requests names: n / K consecutive requests each, or n
-    distinct adapters spread over 1..K when K >= n."""
-    return [1 + i * K // n for i in range(n)]
-
-
-def random_vs(K, shape, seed=0):
-    """The v of K benchmark adapters after the base's zeros: (1 + K, groups, u), N(0, 0.05²)."""
-    g = torch.Generator().manual_seed(seed + K)
-    return torch.cat([torch.zeros(1, *shape), 0.05 * torch.randn(K, *shape, generator=g)])
-
-
-def bench_ours(model, tok, prompts, Ks, max_new):
-    """Tokens/s of the base, of mixed batches holding K adapters, and of the same requests served
-    adapter after adapter (today's forward, one v at a time); bytes held per adapter."""
-    generate_timed(model, tok, prompts[:4], 2)  # warm-up
-    out = dict(base=len(prompts) * max_new / generate_timed(model, tok, prompts, max_new))
-    bank = tinylora.apply_tinylora(model, params=13)
-    for K in Ks:
-        bank.vs, ks = random_vs(K, bank.v.shape), rows_of(K, len(prompts))
-        bank.adapter_of_row = torch.tensor(ks)
-        out[f"mixed_{K}"] = len(prompts) * max_new / generate_timed(model, tok, prompts, max_new)
-        bank.adapter_of_row, seconds = None, 0.0
-        for k in dict.fromkeys(ks):
-            with torch.no_grad():
-                bank.v.copy_(bank.vs[k])
-            seconds += generate_timed(model, tok, [p for p, j in zip(prompts, ks) if j == k],
-                                      max_new)
-        out[f"sequential_{K}"] = len(prompts) * max_new / seconds
-        print(f"K = {K}: {out}", flush=True)
-    out["bytes_per_adapter"] = bank.vs[1].numel() * bank.vs.element_size()
-    tinylora.remove_tinylora(model)  # the base timed again: the faster of first and last counts
-    out["base"] = max(out["base"], len(prompts) * max_new / generate_timed(model, tok, prompts,
-                                                                            max_new))
-    return out, bank
-
-
-def lora_folders(bank, vs, ks, work, base_model=None):
-    """{k: folder under work} for adapters ks, rows of vs (K', groups, u), each written as its exact
-    rank-r LoRA (PEFT's format, which vLLM reads); bank.v is left as it was."""
-    keep, out = bank.v.detach().clone(), {}
-    try:
-        for k in ks:
-            with torch.no_grad():
-                bank.v.copy_(vs[k])
-            out[k] = export.write_lora(bank, os.path.join(work, f"lora{k}"), base_model)
-    finally:
-        with torch.no_grad():
-            bank.v.copy_(keep)
-    return out
-
-
-def bench_peft(model, tok, prompts, loras, max_new):
-    """PEFT's LoRA mixed batch (adapter_names=) on the same requests: tokens/s per K, load seconds,
-    bytes per adapter. loras: {K: {k: folder}}; PEFT loads the adapters the batch names (its
-    forward loops over them)."""
-    from peft import PeftModel
-    out = {}
-    for K, folders in loras.items():
-        ks = rows_of(K, len(prompts))
-        t0 = time.time()
-        first, *rest = folders
-        peft = PeftModel.from_pretrained(model, folders[first], adapter_name=f"a{first}")
-        for k in rest:
-            peft.load_adapter(folders[k], adapter_name=f"a{k}")
-        out[f"load_s_{K}"] = time.time() - t0
-        seconds = generate_timed(peft, tok, prompts, max_new, adapter_names=[f"a{k}" for k in ks])
-        out[f"mixed_{K}"] = len(prompts) * max_new / seconds
-        out["bytes_per_adapter"] = sum(p.numel() * p.element_size()
-                                       for n, p in peft.named_parameters() if f".a{first}." in n)
-        model = peft.unload()
-        print(f"PEFT, K = {K}: {out}", flush=True)
-    return out
-
-
-def bench_vllm(model, tok, spec, prompts, loras, r, max_new, work, max_loras):
-    """vLLM's multi-LoRA on the same requests: tokens/s of its base and per K (max_loras slots of
-    rank r, the adapters the requests name held on the CPU; loras as bench_peft's)."""
-    from vllm import SamplingParams
-    from vllm.lora.request import LoRARequest
-    llm = engine.make_vllm(engine.hf_folder(model, tok, None, spec, work), "float32",
-                           max(map(len, prompts)) + max_new, 0, lora_rank=r,
-                           max_loras=max_loras, max_cpu_loras=len(prompts))
-    sp = SamplingParams(temperature=0, max_tokens=max_new, min_tokens=max_new, ignore_eos=True)
-    reqs = [dict(prompt_token_ids=p) for p in prompts]
-
-    def tokens_per_s(loras=None):  # the second of two runs: the adapters loaded, vLLM warm
-        for _ in range(2):
-            t0 = time.time()
-            llm.generate(reqs, sp, use_tqdm=False, lora_request=loras)
-        return len(prompts) * max_new / (time.time() - t0)
-    out = dict(max_loras=max_loras, base=tokens_per_s())
-    for K, folders in loras.items():
-        ks = rows_of(K, len(prompts))
-        out[f"mixed_{K}"] = tokens_per_s([LoRARequest(f"K{K}a{k}", K * 10 ** 5 + k, folders[k])
-                                          for k in ks])
-        print(f"vLLM, K = {K}: {out}", flush=True)
-    engine.shutdown(llm)
-    return out
-
-
-# a rank-2 LoRA on Qwen2.5-7B: r (in + out) per module, q k v o gate up down, 28 layers
-LORA_7B = 2 * 28 * (7168 + 4096 + 4096 + 7168 + 3 * 22528)
-
-
-def benchmark(spec, Ks=(1, 16, 256, 4096), n=64, max_new=16, max_loras=64):
-    """Every comparison on the same n requests (arith prompts, greedy, max_new tokens each): the
-    table, and the numbers as a dict."""
-    import tempfile
-    model, tok = models.load_model(spec)
-    rows = task.load_task("arith", "test", 1)
-    prompts = [p for _, p in task.prompt_ids(tok, rows[0][:n], rows[1], 512)]
-    ours, bank = bench_ours(model, tok, prompts, Ks, max_new)
-    res = dict(model=spec, n=n, max_new=max_new, ours=ours)
-    with tempfile.TemporaryDirectory() as work:  # each K's adapters the requests name, as LoRAs
-        loras = {K: lora_folders(bank, random_vs(K, bank.v.shape), dict.fromkeys(rows_of(K, n)),
-                                 os.path.join(work, f"K{K}")) for K in Ks}
-        res["peft"] = bench_peft(model, tok, prompts, loras, max_new)
-        try:
-            res["vllm"] = bench_vllm(model, tok, spec, prompts, loras, bank.config["r"], max_new,
-                                     work, max_loras)
-        except ImportError:
-            res["vllm"] = None
-    print_table(res, Ks)
-    return res
-
-
-def print_table(res, Ks):
-    ours, peft, vllm = res["ours"], res["peft"], res["vllm"] or {}
-    cell = lambda d, k, base: f"{d[k]:.0f} ({d[k] / base:.2f}×)" if k in d else "-"  # noqa: E731
-    print(f"{res['n']} requests × {res['max_new']} new tokens, greedy; new tokens/s (÷ the base)")
-    print("| adapters held, K | TinyLoRA mixed batch | one adapter after another | PEFT LoRA mixed "
-          f"batch | vLLM multi-LoRA ({vllm.get('max_loras', '-')} slots) |\n| --- | --- | --- | "
-          "--- | --- |")
-    print(f"| base model | {ours['base']:.0f} | | | {vllm['base']:.0f} |" if vllm else
-          f"| base model | {ours['base']:.0f} | | | - |")
-    for K in Ks:
-        print(f"| {K:,} | {cell(ours, f'mixed_{K}', ours['base'])} | "
-              f"{cell(ours, f'sequential_{K}', ours['base'])} | "
-              f"{cell(peft, f'mixed_{K}', ours['base'])} | "
-              f"{cell(vllm, f'mixed_{K}', vllm.get('base', 1))} |")
-    print(f"bytes per adapter held: TinyLoRA {ours['bytes_per_adapter']}, its rank-2 LoRA in PEFT "
-          f"{peft['bytes_per_adapter']:,}; Qwen2.5-7B (computed): TinyLoRA 13 × 4 = 52, a rank-2 "
-          f"LoRA {LORA_7B:,} numbers = {LORA_7B * 2 / 2 ** 20:.1f} MiB in bf16")
 
 
 if __name__ == "__main__":

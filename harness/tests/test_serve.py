@@ -141,14 +141,23 @@ def test_vllm_multi_lora_answers_the_mixed_requests_as_hf_does(tiny_folder, seve
 
 
 @pytest.mark.slow
-def test_the_serving_benchmark_measures_every_comparison(tiny_folder, capsys):
+def test_the_serving_benchmark_times_every_engine_in_one_regime(tiny_folder, tmp_path, capsys):
+    from harness import bench_serving
     vllm_or_skip()
-    res = serve.benchmark(tiny_folder, Ks=(1, 4), n=4, max_new=2, max_loras=4)
-    for who, keys in (("ours", ["base", "mixed_1", "mixed_4", "sequential_4"]),
-                      ("peft", ["mixed_1", "mixed_4"]), ("vllm", ["base", "mixed_4"])):
-        assert all(res[who][k] > 0 for k in keys), (who, res[who])
-    assert res["ours"]["bytes_per_adapter"] == 13 * 4
-    assert "| 4 | " in capsys.readouterr().out
+    res = bench_serving.benchmark(tiny_folder, Ks=(1, 4), n=4, max_new=2, reps=3, max_loras=2,
+                                  peft_Ks=(1, 4), out=str(tmp_path / "b.json"))
+    got = {(r["engine"], r["K"]): r for r in res["rows"]}
+    assert set(got) == {("HF base", 0), ("TinyLoRA mixed batch (HF)", 1),
+                        ("TinyLoRA mixed batch (HF)", 4), ("one adapter after another (HF)", 1),
+                        ("PEFT LoRA mixed batch (HF)", 1), ("PEFT LoRA mixed batch (HF)", 4),
+                        ("vLLM base, plain engine", 0), ("vLLM base, LoRA engine", 0),
+                        ("vLLM multi-LoRA", 1), ("vLLM multi-LoRA", 4)}
+    assert all(len(r["seconds"]) == 3 and r["prompt_processing_included"] for r in got.values())
+    assert got["TinyLoRA mixed batch (HF)", 4]["distinct_adapters_per_batch"] == 4
+    assert got["vLLM multi-LoRA", 4]["distinct_adapters_per_batch"] == 2  # its 2 slots
+    assert got["vLLM multi-LoRA", 4]["slot_rank"] == 8
+    assert json.load(open(tmp_path / "b.json"))["rows"] and "| vLLM multi-LoRA | 4 |" in (
+        capsys.readouterr().out)
 
 
 @pytest.mark.slow
