@@ -90,7 +90,7 @@ def method_row(done, b, m, lrs, base, problems):
     acc = accounts(rows, problems)
     learned = f"{pct(acc['copied'])} | {pct(acc['right_equations'])}" if acc else " | "
     return (f"| {m.upper()} {b} | {next(iter(rows.values()))['params']} | **{lr:g}** ({val}) | "
-            f"{pct(mean)} [{pct(lo)}, {pct(hi)}] | {len(rows)} | {per}; p = {vs['pooled_p']:.2g} "
+            f"{pct(mean)} [{pct(lo)}, {pct(hi)}] | {len(rows)} | {per}; p = {vs['pooled_p']:.3g} "
             f"| {learned} |")
 
 
@@ -115,10 +115,10 @@ def contrast_holds(verdicts):
 def contrast_row(b, rl, sft):
     """(a row of the RL-against-SFT table at one budget, its verdict)."""
     pr, m_rl, m_sft = paired(rl, sft), spread(rl)[0], spread(sft)[0]
-    per = ", ".join(f"{a}/{c} ({p:.2g})" for _, a, c, p in pr["seeds"])
+    per = ", ".join(f"{a}/{c} ({p:.3g})" for _, a, c, p in pr["seeds"])
     v = verdict(pr, m_rl, m_sft)
     return (f"| {b} | {next(iter(rl.values()))['params']} | {pct(m_rl)} | {pct(m_sft)} | {per} | "
-            f"{pr['pooled_p']:.2g} | {pr['a_wins']} / {pr['b_wins']} | {v} |"), v
+            f"{pr['pooled_p']:.3g} | {pr['a_wins']} / {pr['b_wins']} | {v} |"), v
 
 
 def table(done, cfg, label=""):

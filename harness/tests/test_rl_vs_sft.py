@@ -58,7 +58,7 @@ def test_contrast_row_reports_rl_against_sft_per_seed_and_pooled():
     line, verdict = rl_vs_sft.contrast_row("13", rows([T, T, T, F], [T, T, F, F]),
                                            rows([F, F, T, F], [T, F, F, T]))
     # seed 0: 2 RL-only, 0 SFT-only; seed 1: 1 and 1; pooled 3 / 1
-    assert line == ("| 13 | 13 | 62.5% | 37.5% | 2/0 (0.5), 1/1 (1) | 0.62 | 1 / 0 "
+    assert line == ("| 13 | 13 | 62.5% | 37.5% | 2/0 (0.5), 1/1 (1) | 0.625 | 1 / 0 "
                     "| not distinguished |")
     assert verdict == "not distinguished"
 
@@ -98,7 +98,7 @@ def test_the_report_of_two_sweeps_has_a_table_each_and_one_figure(tmp_path):
     text = (tmp_path / "table.md").read_text()
     assert text.count("| a RL vs SFT |") == text.count("| b RL vs SFT |") == 1
     # its 210-parameter contrast, seed 0: 11 RL-only against 35 SFT-only right answers
-    assert ("| 210 | 210 | 45.5% | 57.5% | 11/35 (0.00054) | 0.00054 | 0 / 1 | SFT beats RL |"
+    assert ("| 210 | 210 | 45.5% | 57.5% | 11/35 (0.000536) | 0.000536 | 0 / 1 | SFT beats RL |"
             in text)
     assert text.count("The paper's contrast") == 2 and "on a: does not hold" in text
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
