@@ -17,7 +17,6 @@ is silent:
  3. With vLLM the adapter reaches the engine exactly: as the rank-r LoRA on a bf16 generator (a bf16
     merge rounds most of a small ΔW away), as merged fp32 weights W0 + ΔW on an fp32 one.
 """
-import json
 import os
 import time
 from contextlib import nullcontext
@@ -34,17 +33,6 @@ from harness.stats import mcnemar_exact, wilson
 METRICS = ("paper", "strict", "flexible")
 MATH_METRICS = ("math-verify", "math")  # Table 2's grading; verl's string rule (the MATH reward)
 SUITES = {"math": tuple(data.BENCHMARKS)}  # Table 2's six benchmarks, in its order
-PROTOCOL = dict(decoding="greedy",
-                prompt="chat template: K solved train problems as earlier turns, then question + "
-                + json.dumps(task.SUFFIX),
-                paper="verl: last '#### N' in the last 300 chars == gold as a string",
-                strict="number after the last '####' == gold, reply ended with EOS",
-                flexible="last number in the reply == gold")
-MATH_PROTOCOL = dict(prompt="qwen-boxed: " + json.dumps(task.PROMPTS["qwen-boxed"]),
-                     decoding="greedy; --samples k: temperature 1.0, top-p 0.95, avg@k (the fork)",
-                     **{"math-verify": "Qwen2.5-Math's extraction, Math-Verify equivalence",
-                        "math": "verl: the last \\boxed{}, Hendrycks' normalisation, string =="})
-
 # ---- Scores: pure functions ------------------------------------------------------------------
 def math_score(reply, problem, finished, n_tokens):
     """A MATH reply's verdicts: its answer (Qwen2.5-Math's extraction) equals the gold by
@@ -159,7 +147,8 @@ def main(argv=None):
     pairs += [("adapter", "merged-bf16")] if args.route == "both" and args.adapter else []
 
     # ---- evaluate: the task's test split, or each benchmark of the suite
-    protocol = dict(MATH_PROTOCOL, samples=args.samples) if args.suite else dict(PROTOCOL)
+    protocol = (dict(report.MATH_PROTOCOL, samples=args.samples) if args.suite
+                else dict(report.PROTOCOL))
     results = dict(config=vars(args), backend=rt.backend, device=rt.device, dtype=str(rt.dtype),
                    protocol=dict(protocol, max_new_tokens=args.max_new_tokens))
     for name in SUITES[args.suite] if args.suite else [None]:

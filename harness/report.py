@@ -3,9 +3,22 @@ eval.py's report: a table of accuracies with 95% intervals per metric (for --sui
 layout: a column per benchmark and their average), the paired comparisons, and the JSON file with
 every problem's verdict and reply.
 """
+import json
 import os
 
+import task
 from harness.files import write_json
+
+PROTOCOL = dict(decoding="greedy",
+                prompt="chat template: K solved train problems as earlier turns, then question + "
+                + json.dumps(task.SUFFIX),
+                paper="verl: last '#### N' in the last 300 chars == gold as a string",
+                strict="number after the last '####' == gold, reply ended with EOS",
+                flexible="last number in the reply == gold")
+MATH_PROTOCOL = dict(prompt="qwen-boxed: " + json.dumps(task.PROMPTS["qwen-boxed"]),
+                     decoding="greedy; --samples k: temperature 1.0, top-p 0.95, avg@k (the fork)",
+                     **{"math-verify": "Qwen2.5-Math's extraction, Math-Verify equivalence",
+                        "math": "verl: the last \\boxed{}, Hendrycks' normalisation, string =="})
 
 
 def cell(m):
