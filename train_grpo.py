@@ -2,6 +2,7 @@
 GRPO with TinyLoRA: train a few scalars with an exact-match reward, rollouts on the merged weights.
 
     python train_grpo.py --params 13                      # the paper's recipe (GPU, Qwen2.5-7B)
+    python train_grpo.py --recipe math --params 13        # its MATH recipe (Table 2): SimpleRL's
     python train_grpo.py --params 13 --preset cpu-demo    # a 2-core CPU: SmolLM2-135M, arithmetic
     python train_grpo.py --resume runs/cpu-demo            # continue exactly where it stopped
     torchrun --nproc-per-node 8 train_grpo.py --params 13  # data parallel, the same update
@@ -61,10 +62,10 @@ def tis_weight(old_lp, sampler_lp, cap):
     return torch.exp(old_lp - sampler_lp).clamp(max=cap).detach()
 
 def low_var_kl(logp, ref_lp):
-    """verl's k3 estimate of KL(π ‖ π_ref) per token, exp(r) − r − 1 with r = log π_ref − log π,
-    clamped as verl (core_algos.kl_penalty 'low_var_kl'): r to ±20, the result to ±10."""
-    r = (ref_lp - logp).clamp(-20, 20)
-    return (r.exp() - r - 1).clamp(-10, 10)
+    """verl's k3 estimate of KL(π ‖ π_ref) per token, exp(δ) − δ − 1 with δ = log π_ref − log π,
+    clamped as verl (core_algos.kl_penalty 'low_var_kl'): δ to ±20, the result to ±10."""
+    delta = (ref_lp - logp).clamp(-20, 20)
+    return (delta.exp() - delta - 1).clamp(-10, 10)
 
 def ppo_clip_loss(logp, old_lp, A, eps_low, eps_high, dual_clip=0.0):
     """Per-token −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), ρ = π/π_old; dual_clip c > 0: verl's dual
