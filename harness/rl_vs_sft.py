@@ -86,12 +86,13 @@ def method_row(done, b, m, lrs, base, problems):
                     for x in lrs)
     mean, lo, hi = spread(rows)
     vs = paired(rows, {s: base for s in rows})
-    per = ", ".join(f"{a}/{c}" for _, a, c, _ in vs["seeds"])
+    per = ", ".join(f"{a}/{c} ({p:.2g})" for _, a, c, p in vs["seeds"])
+    won = sum(a > c and p < 0.05 for _, a, c, p in vs["seeds"])
     acc = accounts(rows, problems)
     learned = f"{pct(acc['copied'])} | {pct(acc['right_equations'])}" if acc else " | "
     return (f"| {m.upper()} {b} | {next(iter(rows.values()))['params']} | **{lr:g}** ({val}) | "
             f"{pct(mean)} [{pct(lo)}, {pct(hi)}] | {len(rows)} | {per}; p = {vs['pooled_p']:.3g} "
-            f"| {learned} |")
+            f"| {won} of {len(rows)} | {learned} |")
 
 
 def verdict(pr, mean_rl, mean_sft, alpha=0.05):
@@ -128,9 +129,10 @@ def table(done, cfg, label=""):
     acc = accounts({0: base}, problems)
     learned = f"{pct(acc['copied'])} | {pct(acc['right_equations'])}" if acc else " | "
     lines = [f"| {label} | params | lr (validation strict per lr) | held-out strict, mean [min, "
-             "max] | seeds | vs base: gained/lost per seed; pooled p | #### ≠ equation | right "
-             "equations |", "| --- | ---: | --- | --- | --- | --- | ---: | ---: |",
-             f"| base | 0 | | {pct(base['strict']['acc'])} | | | {learned} |"]
+             "max] | seeds | vs base: gained/lost per seed (McNemar p); pooled p | seeds gaining, "
+             "p < 0.05 | #### ≠ equation | right equations |",
+             "| --- | ---: | --- | --- | --- | --- | --- | ---: | ---: |",
+             f"| base | 0 | | {pct(base['strict']['acc'])} | | | | {learned} |"]
     contrast = ["", f"| {label} RL vs SFT | params | RL | SFT | RL-only / SFT-only right per seed "
                 "(McNemar p) | pooled p | seeds RL > SFT / < | verdict |",
                 "| --- | ---: | --- | --- | --- | ---: | --- | --- |"]
@@ -142,10 +144,11 @@ def table(done, cfg, label=""):
             row, v = contrast_row(b, rows["rl"], rows["sft"])
             contrast.append(row)
             verdicts[next(iter(rows["rl"].values()))["params"]] = v
-    if verdicts:
-        contrast.append(f"\nThe paper's contrast (RL beats SFT at ≤ 13 parameters, SFT does not "
-                        f"beat RL there){f' on {label}' if label else ''}: "
-                        f"{'holds' if contrast_holds(verdicts) else 'does not hold'}.")
+    if not verdicts:  # one method: no contrast to draw
+        return "\n".join(lines) + "\n"
+    contrast.append(f"\nThe paper's contrast (RL beats SFT at ≤ 13 parameters, SFT does not "
+                    f"beat RL there){f' on {label}' if label else ''}: "
+                    f"{'holds' if contrast_holds(verdicts) else 'does not hold'}.")
     return "\n".join(lines + contrast) + "\n"
 
 

@@ -63,6 +63,18 @@ def test_contrast_row_reports_rl_against_sft_per_seed_and_pooled():
     assert verdict == "not distinguished"
 
 
+def test_a_method_row_gives_each_seed_against_the_base_and_counts_the_significant_gains():
+    base = dict(verdicts=[dict(strict=False)] * 8, strict=dict(acc=0.0))
+    seeds = {0: [T] * 6 + [F] * 2, 1: [T] * 2 + [F] * 6}  # 6/0 (p = 2/64) and 2/0 (p = 0.5)
+    done = {("base", "test"): base, ("rl-13-lr0.01-s0", "val"): dict(strict=dict(acc=0.5))}
+    for s, right in seeds.items():
+        done[(f"rl-13-lr0.01-s{s}", "test")] = dict(
+            seed=s, params=13, strict=dict(acc=sum(right) / 8),
+            verdicts=[dict(strict=x) for x in right])
+    line = rl_vs_sft.method_row(done, "13", "rl", [0.01], base, [])
+    assert "| 6/0 (0.031), 2/0 (0.5); p = 0.00781 | 1 of 2 |" in line  # pooled 8/0: 2/256
+
+
 def counts(seeds, pooled_p):
     """paired()'s result for per-seed (a_only, b_only) counts and a given pooled p."""
     return dict(seeds=[(s, a, b, 1.0) for s, (a, b) in enumerate(seeds)], pooled_p=pooled_p,
