@@ -417,7 +417,8 @@ def grpo_step_bench(spec, steps=3):
     runs = [("ours, vLLM", ["--backend", "vllm"]), ("ours, vLLM, prompt recomputed per sample",
                                                     ["--backend", "vllm", "--no-shared-prompt"]),
             ("ours, HF generate", ["--backend", "hf"])]
-    config = ["--batch-prompts", "8", "--max-new-tokens", "40", "--shots", "2", "--val", "0",
+    config = ["--params", "13", "--batch-prompts", "8", "--max-new-tokens", "40", "--shots", "2",
+              "--val", "0",
               "--eval-n", "0", "--sample-every", "0"]
     for label, extra in runs:
         with tempfile.TemporaryDirectory() as d:

@@ -1,6 +1,7 @@
 """The serve demo's requests: the held-out arithmetic problems on which the base model writes an
 equation and then copies the example's answer (harness/data.py's account, from the base model's
-replies in the 1-shot sweep), each asked of the base and the three adapters, interleaved.
+replies in the demo's search), each asked of the base and the three adapters (seeds 0, 2 and 4 of
+the demo's 52 scalars), interleaved.
 
     python docs/serve-demo/make_requests.py > docs/serve-demo/requests.jsonl
 """
@@ -14,10 +15,10 @@ from harness.account import equation_account  # noqa: E402
 
 HERE = os.path.dirname(__file__)
 rows = task.load_task("arith", "test", 1)[0]
-results = [json.loads(line) for line in open(os.path.join(HERE, "..", "rl-vs-sft", "shots1",
+results = [json.loads(line) for line in open(os.path.join(HERE, "..", "demo-search", "52",
                                                            "results.jsonl"))]
 base = next(r for r in results if r["name"] == "base" and r["split"] == "test")["verdicts"]
 for row, v in zip(rows, base):
     if equation_account([row], [v["reply"]])["copied"] == 1.0:
-        for adapter in ("base", "rl13-seed0", "rl13-seed2", "sft13-seed2"):
+        for adapter in ("base", "rl52-seed0", "rl52-seed2", "rl52-seed4"):
             print(json.dumps(dict(adapter=adapter, question=row["question"], gold=row["gold"])))

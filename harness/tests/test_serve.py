@@ -8,7 +8,7 @@ import torch
 
 import task
 import tinylora
-from harness import config, models, serve
+from harness import bench_serving, config, export, models, serve
 from harness.files import read_jsonl
 from harness.tests.fixtures import SMOL_GGUF, need_shared, vllm_or_skip
 
@@ -165,15 +165,15 @@ def test_the_readme_demo_gives_each_adapter_its_held_out_replies_from_the_sweep(
     """README's demo on real SmolLM2, the first 6 of its problems: every mixed-batch reply is the
     reply the sweep's held-out evaluation of that adapter (or the base) wrote for that problem."""
     demo = config.ROOT + "/docs/serve-demo"
-    names = {"base": "base", "rl13-seed0": "rl-13-lr0.03-s0", "rl13-seed2": "rl-13-lr0.03-s2",
-             "sft13-seed2": "sft-13-lr0.01-s2"}
+    names = {"base": "base", "rl52-seed0": "rl-52-lr0.01-s0", "rl52-seed2": "rl-52-lr0.01-s2",
+             "rl52-seed4": "rl-52-lr0.01-s4"}
     requests = read_jsonl(f"{demo}/requests.jsonl")[:24]
     (tmp_path / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
     rows = serve.main(["--model", need_shared(SMOL_GGUF), "--adapters",
                        *[f"{demo}/{n}.safetensors" for n in list(names)[1:]],
                        "--requests", str(tmp_path / "req.jsonl"), "--out", str(tmp_path / "o")])
     sweep = {(r["name"], r["split"]): r for r in
-             read_jsonl(config.ROOT + "/docs/rl-vs-sft/shots1/results.jsonl")}
+             read_jsonl(config.ROOT + "/docs/demo-search/52/results.jsonl")}
     questions = task.load_task("arith", "test", 1)[0]  # the sweep's held-out problems, in order
     where = {row["question"]: i for i, row in enumerate(questions)}
     expected = [sweep[(names[r["adapter"]], "test")]["verdicts"][where[r["question"]]]["reply"]
@@ -188,8 +188,8 @@ def test_lora_folders_write_each_named_adapter_as_its_own_lora_and_leave_bank_v_
     bank = tinylora.apply_tinylora(model, params=13)
     with torch.no_grad():
         bank.v.fill_(0.5)
-    vs = serve.random_vs(3, bank.v.shape)
-    folders = serve.lora_folders(bank, vs, [3, 1], str(tmp_path))
+    vs = bench_serving.random_vs(3, bank.v.shape)
+    folders = export.write_loras(bank, vs, [3, 1], str(tmp_path))
     assert list(folders) == [3, 1] and torch.equal(bank.v, torch.full_like(bank.v, 0.5))
     lora = {k: load_file(f"{folders[k]}/adapter_model.safetensors") for k in folders}
     assert all(not torch.equal(lora[3][n], lora[1][n]) for n in lora[3] if "lora_B" in n)
