@@ -17,7 +17,7 @@ def test_the_console_config_names_every_resolved_value_within_100_columns(monkey
     words = text.split()
     assert words[0] == "config:" and all(len(line) <= 100 for line in text.splitlines())
     assert {w.split("=", 1)[0] for w in words[1:]} == set(vars(args)) | {"device", "world_size"}
-    assert "betas=(0.9,0.999)" in words and "lr=0.03" in words and "micro_batch=32" in words
+    assert "betas=(0.9,0.999)" in words and "lr=0.01" in words and "micro_batch=32" in words
 
 
 def test_a_resumed_run_drops_the_log_rows_and_temp_files_past_its_checkpoint(tmp_path):
