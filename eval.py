@@ -126,19 +126,19 @@ def evaluate(generator, bank, labels, items, args, **how):
 
 def main(argv=None):
     args = config.eval_args(argv, __doc__.split("\n")[1])
-    rt = models.runtime(args.device, args.dtype, args.backend, args.dist_timeout)  # + ranks
-    say = print if rt.rank == 0 else (lambda *a, **k: None)
+    runtime = models.runtime(args.device, args.dtype, args.backend, args.dist_timeout)  # + ranks
+    say = print if runtime.rank == 0 else (lambda *a, **k: None)
 
     # ---- model, adapter (v = 0 is the base, bit-identical), generator: one for every benchmark
-    model, tok = models.load_model(args.model, rt.dtype, rt.device)
+    model, tok = models.load_model(args.model, runtime.dtype, runtime.device)
     bank = tinylora.load_adapter(model, args.adapter) if args.adapter else None
     if bank is not None:
         say(f"{export.bank_plan(bank)} (from {args.adapter}, base {bank.config['base_model']})")
     work = os.path.join(args.work_dir, os.path.basename(os.path.normpath(args.model)))
-    generator = rollout.make_generator(rt.backend, model, tok, bank, args.model, work,
+    generator = rollout.make_generator(runtime.backend, model, tok, bank, args.model, work,
                                        args.max_prompt + args.max_new_tokens, args.seed,
                                        gpu_memory_utilization=args.gpu_memory_utilization,
-                                       sync="merged" if rt.dtype == torch.float32 else "lora")
+                                       sync="merged" if runtime.dtype == torch.float32 else "lora")
     labels = ["base"] if not args.adapter or args.compare else []
     if args.adapter:  # exactly, merged into bf16 weights as the paper scored it, or both
         labels += {"exact": ["adapter"], "merged-bf16": ["merged-bf16"]}.get(
@@ -149,8 +149,9 @@ def main(argv=None):
     # ---- evaluate: the task's test split, or each benchmark of the suite
     protocol = (dict(report.MATH_PROTOCOL, samples=args.samples) if args.suite
                 else dict(report.PROTOCOL))
-    results = dict(config=vars(args), backend=rt.backend, device=rt.device, dtype=str(rt.dtype),
-                   protocol=dict(protocol, max_new_tokens=args.max_new_tokens))
+    results = dict(config=vars(args), backend=runtime.backend, device=runtime.device,
+                   dtype=str(runtime.dtype), protocol=dict(protocol,
+                                                           max_new_tokens=args.max_new_tokens))
     for name in SUITES[args.suite] if args.suite else [None]:
         if name is None:
             problems, shots = task.load_task(args.data, args.split, args.shots, args.val)
@@ -170,7 +171,7 @@ def main(argv=None):
             results.update(found, protocol=dict(results["protocol"], shots=len(shots)))
         else:
             results.setdefault("benchmarks", {})[name] = found
-    if rt.rank == 0:  # the table(s), the paired comparisons and the JSON report (--out)
+    if runtime.rank == 0:  # the table(s), the paired comparisons and the JSON report (--out)
         report.print_report(results, args, MATH_METRICS if math else METRICS)
     return results
 

@@ -206,35 +206,37 @@ def policy_update(model, opt, rollouts, lrs, hyper, how, grad_clip):
     return (lp if old_lp is None else old_lp), stats
 
 # ---- main: the build, then the loop -------------------------------------------------------------
-def make_generator(args, rt, model, tok, bank):
+def make_generator(args, runtime, model, tok, bank):
     """The rollout engine the flags ask for: vLLM in-process on W0 + ΔW, or HF generate."""
     return rollout.make_generator(
-        rt.backend, model, tok, bank, args.model, args.out, args.max_prompt + args.max_new_tokens,
-        args.seed, gpu_memory_utilization=args.gpu_memory_utilization, sync=args.sync,
+        runtime.backend, model, tok, bank, args.model, args.out,
+        args.max_prompt + args.max_new_tokens, args.seed,
+        gpu_memory_utilization=args.gpu_memory_utilization, sync=args.sync,
         tensor_parallel=args.tensor_parallel)
 
 def build(args, shared=None):
     """Both trainers' build: the runtime, the data, the model with TinyLoRA (v = 0: the base), the
     optimizer on v, the generator, the resumed state. shared: (model, tok, generator) built once
     for many runs (harness/sweep.py)."""
-    rt = models.runtime(args.device, args.dtype, args.backend, args.dist_timeout,
+    runtime = models.runtime(args.device, args.dtype, args.backend, args.dist_timeout,
                         args.grad_checkpointing, args.batch_invariant)
-    config.print_config(args, rt)  # every resolved value, on the console (and in config.json)
+    config.print_config(args, runtime)  # every resolved value, on the console and in config.json
     problems, shots = task.load_task(args.data, "train", args.shots, args.val)
-    model, tok = shared[:2] if shared else models.load_model(args.model, rt.dtype, rt.device)
+    model, tok = (shared[:2] if shared
+                  else models.load_model(args.model, runtime.dtype, runtime.device))
     bank = tinylora.apply_tinylora(model, **config.adapter_kwargs(args))  # v = 0: the base
-    scale.prepare_memory(model, args, rt, plan=not shared)  # checkpointing; CUDA's memory plan
+    scale.prepare_memory(model, args, runtime, plan=not shared)  # checkpointing; CUDA's memory plan
     train = task.prompt_ids(tok, problems, shots, args.max_prompt, args.prompt)  # [(problem, ids)]
-    run.start(args, rt, bank, problems, train)  # the plan, the data, config.json
+    run.start(args, runtime, bank, problems, train)  # the plan, the data, config.json
     opt = torch.optim.AdamW([bank.v], lr=args.lr, betas=tuple(args.betas),
                             weight_decay=args.weight_decay)
-    generator = shared[2] if shared else make_generator(args, rt, model, tok, bank)
-    return rt, model, tok, bank, train, opt, generator, run.resume(args, bank, opt)
+    generator = shared[2] if shared else make_generator(args, runtime, model, tok, bank)
+    return runtime, model, tok, bank, train, opt, generator, run.resume(args, bank, opt)
 
 def main(argv=None, shared=None):
     """Train (shared: see build)."""
     args = config.trainer_args(argv)  # the flags over a preset or the resumed run's config.json
-    rt, model, tok, bank, train, opt, generator, (start, opt_steps) = build(args, shared)
+    runtime, model, tok, bank, train, opt, generator, (start, opt_steps) = build(args, shared)
     total_steps = args.steps or args.epochs * (len(train) // args.batch_prompts)
     G, one_prompt_pass = args.group_size, not (args.no_shared_prompt or
                                                model.is_gradient_checkpointing)
@@ -245,12 +247,13 @@ def main(argv=None, shared=None):
     generator.push(bank)  # v = 0, or the resumed v
     if args.eval_n and start == 0:
         run.log(args, evaluation.heldout(generator, tok, args, 0))
-    bar = tqdm(range(start, total_steps), "grpo", total_steps, initial=start, disable=rt.rank > 0)
+    bar = tqdm(range(start, total_steps), "grpo", total_steps, initial=start,
+               disable=runtime.rank > 0)
     for step in bar:
         t0 = time.time()
         # ---- data: the step's B prompts (this rank's share of each mini-batch), each G times
         full = task.batch_at(train, step, args.batch_prompts, args.seed, args.shuffle)  # × B
-        positions = scale.shard(args.batch_prompts, rt.rank, rt.world, args.mini_batches)
+        positions = scale.shard(args.batch_prompts, runtime.rank, runtime.world, args.mini_batches)
         batch = [full[i] for i in positions]
         prompts = [p for _, p in batch for _ in range(G)]  # (b·G) id lists
         problems = [problem for problem, _ in batch for _ in range(G)]  # (b·G)
@@ -290,7 +293,7 @@ def main(argv=None, shared=None):
             delta_kept=delta_kept, lr=lrs[-1], t_gen=t_gen, t_train=t_train, t_sync=t_sync,
             t_step=time.time() - t0)
         run.save_step(args, record, bank, opt, opt_steps)
-        if rt.rank == 0:
+        if runtime.rank == 0:
             run.time_left(args.out, step + 1, start, total_steps, len(train) // args.batch_prompts)
             bar.set_postfix(reward=f"{record['reward']:.2f}", gap=f"{record['logp_absgap']:.1e}",
                             v=f"{record['v_norm']:.3f}")

@@ -69,7 +69,7 @@ def main(argv=None, shared=None):
     args = config.trainer_args(argv, "SFT with TinyLoRA, the paper's baseline")
     if not args.eval_n and not shared:
         args.backend = "hf"  # nothing is sampled: no vLLM engine to start
-    rt, model, tok, bank, train, opt, generator, (start, opt_steps) = tg.build(args, shared)
+    runtime, model, tok, bank, train, opt, generator, (start, opt_steps) = tg.build(args, shared)
     total_steps = args.steps or args.epochs * (len(train) // args.batch_prompts)
     eos = tok.eos_token_id if tok.eos_token_id is not None else models.eos_ids(model, tok)[0]
     how = tg.Pass(temperature=1.0, micro_batch=args.micro_batch, micro_tokens=args.micro_tokens,
@@ -78,12 +78,12 @@ def main(argv=None, shared=None):
         generator.push(bank)
         run.log(args, evaluation.heldout(generator, tok, args, 0))
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="sft",
-               disable=rt.rank > 0)
+               disable=runtime.rank > 0)
     for step in bar:
         t0 = time.time()
         # ---- data: the step's B problems (GRPO's; this rank's share), their gold solutions
         batch = task.batch_at(train, step, args.batch_prompts, args.seed, args.shuffle)
-        positions = scale.shard(args.batch_prompts, rt.rank, rt.world, args.mini_batches)
+        positions = scale.shard(args.batch_prompts, runtime.rank, runtime.world, args.mini_batches)
         seqs = demos(tok, [batch[i] for i in positions], eos)
 
         # ---- loss and step: token-mean NLL of the solutions through the unmerged adapter
@@ -97,7 +97,7 @@ def main(argv=None, shared=None):
                       lr=lrs[-1], tokens=scale.all_sum(sum(len(c) for _, c in seqs)),
                       t_step=time.time() - t0)
         run.save_step(args, record, bank, opt, opt_steps)
-        if rt.rank == 0:
+        if runtime.rank == 0:
             bar.set_postfix(loss=f"{loss:.3f}", v=f"{record['v_norm']:.3f}")
     if args.eval_n:
         generator.push(bank)
