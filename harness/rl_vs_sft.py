@@ -15,7 +15,6 @@ Chosen here:
  2. The account (harness/account.py) is computed from every held-out reply: its base column is
     the untrained model's replies, its method columns the mean over seeds.
 """
-import argparse
 import json
 import os
 
@@ -184,7 +183,7 @@ def plot(sweeps, labels, path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap = config.new_parser(__doc__.split("\n")[1])
     ap.add_argument("sweeps", nargs="+", help="sweep folders (each with results.jsonl)")
     ap.add_argument("--labels", default=None, help="comma-separated, one per sweep")
     ap.add_argument("--out", required=True, help="folder for table.md and accuracy.png")
