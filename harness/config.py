@@ -164,9 +164,9 @@ PRESETS = {
 PRESETS["cpu-sweep"] = dict(PRESETS["cpu-demo"], params=13, shots=2, steps=12, lr=1e-2,
                             micro_batch=8, out="runs/cpu-sweep")
 # the MATH recipe end to end on a CPU: generated fractions, KL and entropy on; no learning claim
-PRESETS["cpu-math"] = dict(RECIPES["math"], model=SMOL, data="fractions", dtype="float32",
-                           batch_prompts=4, group_size=4, max_new_tokens=48, steps=3,
-                           micro_batch=16, lr=3e-2, eval_n=20, out="runs/cpu-math")
+PRESETS["cpu-math"] = dict(RECIPES["math"], recipe="math", model=SMOL, data="fractions",
+                           dtype="float32", batch_prompts=4, group_size=4, max_new_tokens=48,
+                           steps=3, micro_batch=16, lr=3e-2, eval_n=20, out="runs/cpu-math")
 
 
 def defaults(groups=TRAIN_GROUPS):

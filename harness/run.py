@@ -270,8 +270,9 @@ def plot_rewards(log_path, out):
     ax.plot(steps, reward, alpha=0.35, label="rollout reward (each step's prompts)")
     ax.plot(steps, running_mean(reward, 4), label="its mean over the last 4 steps")
     if ev:
-        ax.plot([r["step"] for r in ev], [r["strict"] for r in ev], "o--",
-                label="held-out strict (greedy)")
+        key = ev[0].get("metric", "strict")  # the MATH reward's rows name their own metric
+        ax.plot([r["step"] for r in ev], [r[key] for r in ev], "o--",
+                label=f"held-out {key} (greedy)")
     ax.set_xlabel("step")
     ax.set_ylim(0, 1)
     ax.legend()

@@ -57,6 +57,15 @@ def test_the_reward_plot_is_skipped_in_one_line_without_matplotlib(monkeypatch, 
     assert not (tmp_path / "reward.png").exists()
 
 
+def test_the_reward_plot_draws_the_held_out_metric_its_rows_name(tmp_path):
+    rows = [dict(kind="train", step=1, reward=0.5)] + [
+        dict(kind="eval", step=s, metric="math", math=a) for s, a in ((0, 0.1), (1, 0.2))]
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))  # a MATH run: no "strict"
+    assert run.plot_rewards(str(log), str(tmp_path / "reward.png")) == str(tmp_path / "reward.png")
+    assert (tmp_path / "reward.png").stat().st_size > 0
+
+
 def test_the_cpu_demo_keeps_the_optimisation_its_search_chose(monkeypatch):
     """The demo was chosen before the fork's clip, weight decay, data order, dual clip and P became
     the defaults; its preset keeps what it was chosen with (docs/reproduction.md)."""
