@@ -113,8 +113,7 @@ FLAGS = {
         grad_checkpointing=("auto", "recompute each layer in backward; auto: on with CUDA",
                             ["auto", "on", "off"]),
         tensor_parallel=(1, "GPUs per vLLM engine (torchrun)"),
-        batch_invariant=(False, "vLLM's batch-invariant kernels (CUDA): a sample ignores its "
-                         "batch"),
+        batch_invariant=(False, "vLLM's batch-invariant kernels (CUDA): no sample sees its batch"),
         dist_timeout=(1800.0, "under torchrun: seconds a rank waits for the others"),
     ),
     "evaluation": dict(
@@ -129,8 +128,7 @@ FLAGS = {
         work_dir=(".cache", "where vLLM's copy of a .gguf model goes"),
         suite=(None, "math: Table 2's six benchmarks (--data: a folder of <name>/test.jsonl in "
                "SimpleRL's layout, or hub)", str),
-        samples=(1, "replies per problem: 1 greedy, k > 1 avg@k sampled as the fork (T 1, top-p "
-                 ".95)"),
+        samples=(1, "replies per problem: 1 greedy; k > 1: avg@k as the fork (T 1, top-p .95)"),
     ),
 }
 SUITE_DEFAULTS = dict(data="hub", prompt="qwen-boxed", max_prompt=1024, max_new_tokens=16000)
@@ -159,8 +157,7 @@ PRESETS = {
                      out="runs/cpu-demo", grad_clip=1.0, weight_decay=0.0, shuffle=True,
                      dual_clip=0.0, projections="independent"),
 }
-# what docs/results.md's sweeps ran (the budget: their --budgets): 2 shots, 12 steps, micro-batches
-# of 8
+# what docs/results.md's sweeps ran (the budget: their --budgets): 2 shots, 12 steps, micro 8
 PRESETS["cpu-sweep"] = dict(PRESETS["cpu-demo"], params=13, shots=2, steps=12, lr=1e-2,
                             micro_batch=8, out="runs/cpu-sweep")
 # the MATH recipe end to end on a CPU: generated fractions, KL and entropy on; no learning claim

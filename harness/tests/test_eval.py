@@ -9,7 +9,7 @@ import eval as E
 import task
 import tinylora
 from harness import config
-from harness.tests.fixtures import (GSM8K_TEST, SMOL_GGUF, cli, need_shared, tiny_model,
+from harness.tests.fixtures import (GSM8K_TEST, cli, need_shared, tiny_model,
                                     vllm_or_skip)
 
 
@@ -50,7 +50,7 @@ def test_strict_flexible_split_on_a_table_of_replies():
 
 @pytest.mark.slow
 def test_both_backends_give_the_same_greedy_replies_and_the_adapter_is_applied(
-        tiny_folder, smol_tok, tmp_path):
+        tiny_folder, smol_tok, tmp_path, capsys):
     data = need_shared(GSM8K_TEST)
     vllm_or_skip()
     m = tiny_model("qwen2", tok=smol_tok, vocab=len(smol_tok))  # the same weights as tiny_folder
@@ -61,11 +61,10 @@ def test_both_backends_give_the_same_greedy_replies_and_the_adapter_is_applied(
     reports = {}
     for backend in ("hf", "vllm"):
         out = tmp_path / f"{backend}.json"
-        p = cli("eval.py", "--model", tiny_folder, "--data", data, "--limit", "4", "--backend",
-                backend, "--max-new-tokens", "12", "--adapter", adapter, "--compare", "--out",
-                str(out))
-        assert p.returncode == 0, p.stderr[-3000:]
-        assert "McNemar" in p.stdout and "greedy" in p.stdout
+        E.main(["--model", tiny_folder, "--data", data, "--limit", "4", "--backend", backend,
+                "--max-new-tokens", "12", "--adapter", adapter, "--compare", "--out", str(out)])
+        printed = capsys.readouterr().out
+        assert "McNemar" in printed and "greedy" in printed
         reports[backend] = json.load(open(out))
     for k in ("base", "adapter"):
         hf = [x["reply"] for x in reports["hf"]["problems"][k]]
@@ -201,9 +200,9 @@ def test_a_missing_benchmark_file_or_gold_is_one_line_and_nothing_is_written(
 
 
 @pytest.mark.slow
-def test_the_math_suite_runs_on_smollm2_from_the_command_line(tmp_path):
+def test_the_math_suite_runs_on_smollm2_from_the_command_line(smol_folder, tmp_path):
     p = cli("eval.py", "--suite", "math", "--data", simplerl_folder(tmp_path / "b"), "--model",
-            need_shared(SMOL_GGUF), "--backend", "hf", "--max-new-tokens", "48", "--out",
+            smol_folder, "--backend", "hf", "--max-new-tokens", "48", "--out",
             str(tmp_path / "m.json"))  # HF: no vLLM start (both backends: the test above)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "math-verify" in p.stdout and "olympiadbench" in p.stdout and "average" in p.stdout

@@ -13,7 +13,7 @@ import eval as E
 import tinylora
 import train_grpo as tg
 from harness import export, serve
-from harness.tests.fixtures import (SMOL_GGUF, cli, need_shared, tiny_model, tiny_run_args)
+from harness.tests.fixtures import (cli, tiny_model, tiny_run_args)
 
 PROGRAMS = {"python eval.py": E.main, "python train_grpo.py": tg.main,
             "python -m harness.serve": serve.main, "python -m harness.export": export.main}
@@ -112,11 +112,10 @@ def test_every_program_answers_help_naming_the_command_as_typed(program, monkeyp
 
 
 @pytest.mark.slow
-def test_after_the_demo_the_printed_eval_runs_as_typed(tmp_path):
-    need_shared(SMOL_GGUF)
+def test_after_the_demo_the_printed_eval_runs_as_typed(smol_folder, tmp_path):
     out = tmp_path / "demo"
-    p = cli("train_grpo.py", "--preset", "cpu-demo", "--steps", "1", "--batch-prompts", "2",
-            "--eval-n", "8", "--backend", "hf", "--out", str(out))  # a short demo: CI's time
+    p = cli("train_grpo.py", "--preset", "cpu-demo", "--model", smol_folder, "--steps", "1",
+            "--batch-prompts", "2", "--eval-n", "8", "--backend", "hf", "--out", str(out))
     assert p.returncode == 0, p.stderr[-2000:]
     command = printed_commands(p.stdout)[0]
     assert command == f"python eval.py --adapter {out}/adapter.safetensors --compare"
