@@ -8,8 +8,10 @@ tensor-parallel groups under torchrun, loading a LoRA, the prefix-cache reset af
 Chosen where the paper is silent:
  1. One engine per process, in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the push hands the
     worker live tensors, which cannot cross a process boundary.
- 2. A .gguf model is exported once as an HF folder (W0, the adapter taken off for the moment).
+ 2. A .gguf model is exported once as an HF folder (W0, the adapter taken off for the moment),
+    again when the .gguf file is another or changed.
 """
+import json
 import logging
 import os
 import warnings
@@ -17,6 +19,7 @@ import warnings
 import torch
 
 import tinylora
+from harness.files import write_json
 from harness.scale import barrier, gather, rank_world
 
 PUSH = ("Following weights were not loaded", "%s: Failed to load weights")
@@ -171,11 +174,14 @@ def shutdown(llm):
 
 def hf_folder(model, tok, bank, spec, work_dir):
     """The HF folder vLLM loads W0 from: `spec` itself, or for a .gguf model an export under
-    work_dir (by rank 0, once: W0 with the adapter taken off for the moment, and the tokenizer)."""
+    work_dir (by rank 0: W0 with the adapter taken off for the moment, and the tokenizer), stamped
+    last with the file it came from, so another .gguf, or an export cut short, is exported again."""
     if not spec.endswith(".gguf"):
         return spec
-    out = os.path.join(work_dir, "hf_model")
-    if rank_world()[0] == 0 and not os.path.isfile(os.path.join(out, "config.json")):
+    out, stat = os.path.join(work_dir, "hf_model"), os.stat(spec)
+    source = dict(gguf=os.path.abspath(spec), bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    stamp = os.path.join(out, "exported_from.json")
+    if rank_world()[0] == 0 and (not os.path.isfile(stamp) or json.load(open(stamp)) != source):
         os.makedirs(out, exist_ok=True)
         tinylora.remove_tinylora(model)
         try:
@@ -184,6 +190,7 @@ def hf_folder(model, tok, bank, spec, work_dir):
         finally:
             for name, layer in (bank.layers if bank is not None else {}).items():
                 model.set_submodule(name, layer)
+        write_json(stamp, source)
     barrier()
     return out
 

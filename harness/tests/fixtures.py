@@ -3,6 +3,7 @@ built from configs, and the real SmolLM2 from ../shared.
 
 Tests that need ../shared skip with a visible reason when it is missing, and fail instead when
 TINYLORA_REQUIRE_SHARED=1 (set by .ci/run, so CI can never pass by skipping them)."""
+import copy
 import json
 import os
 import socket
@@ -91,16 +92,14 @@ def smol():
 
 @pytest.fixture(scope="session")
 def smol_folder(tmp_path_factory, smol):
-    """The same SmolLM2 saved once as an HF folder: a command-line test that is not about GGUF
-    loading starts its process in ~1 s instead of ~12 s (transformers' GGUF parse and tokenizer
-    conversion run in every process)."""
+    """The same SmolLM2 exported once as the HF folder vLLM gets for a .gguf (engine.hf_folder):
+    a command-line test that is not about GGUF loading starts its process in ~1 s instead of ~12 s
+    (transformers' GGUF parse and tokenizer conversion run in every process)."""
     model, tok = smol
     if any(isinstance(m, tinylora.TinyLoRALinear) for m in model.modules()):
         raise ValueError("the shared SmolLM2 fixture carries TinyLoRA layers: a test left them on")
-    out = tmp_path_factory.mktemp("smollm2")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    model = copy.deepcopy(model)  # save_pretrained writes `architectures` into the shared config
+    return engine.hf_folder(model, tok, None, SMOL_GGUF, str(tmp_path_factory.mktemp("smollm2")))
 
 
 @pytest.fixture(scope="session")

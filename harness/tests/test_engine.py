@@ -1,6 +1,7 @@
 """Specifications of harness/engine.py: the arguments an engine is built with, vLLM's log filter,
 the share check agreed by every rank, the prefix-cache reset's retry, the batch-invariant mode's
-refusal on a CPU. CPU only, no network (the engine itself: test_rollout.py, slow)."""
+refusal on a CPU, the .gguf export vLLM loads. CPU only, no network (the engine itself:
+test_rollout.py, slow)."""
 import logging
 
 import pytest
@@ -97,3 +98,33 @@ def test_a_prefix_cache_reset_is_retried_once_preempting_then_refused_in_one_lin
         engine.reset_prefix_cache(never)
     assert str(e.value).startswith("vLLM could not reset its prefix cache") and "\n" not in str(
         e.value) and "would reuse old KV (vLLM: Failed to reset KV cache" in str(e.value)
+
+
+def test_a_gguf_export_is_reused_for_the_same_file_and_redone_for_another_or_a_torn_one(tmp_path):
+    """vLLM loads a .gguf model from its HF export under the work folder: serving model B from a
+    folder that holds A's export would give B's requests A's weights."""
+    exports = []
+
+    class Model(torch.nn.Module):  # records each export; no adapter on it
+        def save_pretrained(self, out):
+            exports.append(out)
+
+    class Tokenizer:
+        def save_pretrained(self, out):
+            pass
+
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(b"A" * 10)
+    b.write_bytes(b"B" * 20)
+    work = str(tmp_path / "work")
+
+    def export(gguf):
+        return engine.hf_folder(Model(), Tokenizer(), None, str(gguf), work)
+
+    out = export(a)
+    assert export(a) == out and len(exports) == 1  # the same file: reused
+    export(b)
+    assert len(exports) == 2  # another file: exported again
+    (tmp_path / "work" / "hf_model" / "exported_from.json").unlink()  # cut short before its stamp
+    export(b)
+    assert len(exports) == 3

@@ -202,7 +202,7 @@ def test_a_missing_benchmark_file_or_gold_is_one_line_and_nothing_is_written(
 @pytest.mark.slow
 def test_the_math_suite_runs_on_smollm2_from_the_command_line(smol_folder, tmp_path):
     p = cli("eval.py", "--suite", "math", "--data", simplerl_folder(tmp_path / "b"), "--model",
-            smol_folder, "--backend", "hf", "--max-new-tokens", "48", "--out",
+            smol_folder, "--backend", "hf", "--max-new-tokens", "24", "--out",
             str(tmp_path / "m.json"))  # HF: no vLLM start (both backends: the test above)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "math-verify" in p.stdout and "olympiadbench" in p.stdout and "average" in p.stdout
