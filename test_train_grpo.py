@@ -451,6 +451,7 @@ def test_bad_adapter_flags_on_a_real_model_write_nothing(smol_folder, tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # three training processes, one killed: 30 s of the fast suite's 3 minutes
 def test_resume_after_kill_9_and_a_torn_write_equals_the_uninterrupted_run(
         answer_folder, sevens_jsonl, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
