@@ -329,6 +329,9 @@ def test_low_var_kl_is_verls_k3_by_hand_with_its_clamps():
     # r clamped to −20: e^−20 + 19, then to 10
     want = [0.0, 1 - math.log(2), math.log(2) - 0.5, 10.0, 10.0]
     assert torch.allclose(k3, torch.tensor(want), atol=1e-6)
+    # the ±20 clamp on δ is what keeps δ = +∞ (a token of probability 0 under π in fp32) finite:
+    # unclamped, exp(∞) − ∞ is NaN
+    assert tg.low_var_kl(torch.tensor([-math.inf]), torch.tensor([0.0])).item() == 10.0
 
 
 def test_the_kl_to_the_base_and_its_gradient_are_zero_at_v_zero_and_not_after():
