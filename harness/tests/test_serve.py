@@ -10,7 +10,7 @@ import task
 import tinylora
 from harness import bench_serving, config, export, models, serve
 from harness.files import read_jsonl
-from harness.tests.fixtures import SMOL_GGUF, need_shared, vllm_or_skip
+from harness.tests.fixtures import vllm_or_skip
 
 QUESTIONS = ["What is 2 + 5?", "What is 3 + 4?", "Compute 6 + 1.", "What is 1 + 6?"]
 
@@ -161,7 +161,8 @@ def test_the_serving_benchmark_times_every_engine_in_one_regime(tiny_folder, tmp
 
 
 @pytest.mark.slow
-def test_the_readme_demo_gives_each_adapter_its_held_out_replies_from_the_sweep(tmp_path):
+def test_the_readme_demo_gives_each_adapter_its_held_out_replies_from_the_sweep(smol_folder,
+                                                                                tmp_path):
     """README's demo on real SmolLM2, the first 6 of its problems: every mixed-batch reply is the
     reply the sweep's held-out evaluation of that adapter (or the base) wrote for that problem."""
     demo = config.ROOT + "/docs/serve-demo"
@@ -169,7 +170,7 @@ def test_the_readme_demo_gives_each_adapter_its_held_out_replies_from_the_sweep(
              "rl52-seed4": "rl-52-lr0.01-s4"}
     requests = read_jsonl(f"{demo}/requests.jsonl")[:24]
     (tmp_path / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
-    rows = serve.main(["--model", need_shared(SMOL_GGUF), "--adapters",
+    rows = serve.main(["--model", smol_folder, "--adapters",  # the GGUF's weights, saved once
                        *[f"{demo}/{n}.safetensors" for n in list(names)[1:]],
                        "--requests", str(tmp_path / "req.jsonl"), "--out", str(tmp_path / "o")])
     sweep = {(r["name"], r["split"]): r for r in
