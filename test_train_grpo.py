@@ -538,7 +538,8 @@ def test_the_math_recipe_is_simplerls_settings_over_the_gsm8k_defaults(capsys):
 def test_the_cpu_math_preset_trains_with_kl_and_entropy_and_scores_the_math_reward(
         smol_folder, tmp_path):
     p = cli("train_grpo.py", "--preset", "cpu-math", "--model", smol_folder, "--steps", "1",
-            "--batch-prompts", "2", "--eval-n", "4", "--out", str(tmp_path / "run"))  # CI's time
+            "--batch-prompts", "2", "--group-size", "2", "--max-new-tokens", "32", "--eval-n", "4",
+            "--out", str(tmp_path / "run"))  # one small step: CI's time
     assert p.returncode == 0, p.stderr[-2000:]
     log = [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl")]
     steps = [r for r in log if r["kind"] == "train"]

@@ -115,10 +115,10 @@ def test_every_program_answers_help_naming_the_command_as_typed(program, monkeyp
 def test_after_the_demo_the_printed_eval_runs_as_typed(smol_folder, tmp_path, capsys):
     out = tmp_path / "demo"
     p = cli("train_grpo.py", "--preset", "cpu-demo", "--model", smol_folder, "--steps", "1",
-            "--batch-prompts", "2", "--eval-n", "8", "--backend", "hf", "--out", str(out))
+            "--batch-prompts", "2", "--eval-n", "4", "--backend", "hf", "--out", str(out))
     assert p.returncode == 0, p.stderr[-2000:]
     command = printed_commands(p.stdout)[0]
     assert command == f"python eval.py --adapter {out}/adapter.safetensors --compare"
-    E.main([*shlex.split(command)[2:], "--limit", "8"])  # its words after `python eval.py`
+    E.main([*shlex.split(command)[2:], "--limit", "4"])  # its words after `python eval.py`
     printed = capsys.readouterr().out
     assert "defaults the base" in printed and "base" in printed and "adapter" in printed
